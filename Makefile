@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine (python3 and the package registries only):
+#   make demo   the main job on the embedded synthetic PCam set
+#   make test   the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= demo-out
+
+# Install torch/torchvision from the package registry as users do. PIP_CONFIG_FILE/PIP_FIND_LINKS
+# are blanked for this venv only: some machines carry a CPU-only torch wheel in a find-links folder
+# that pip would prefer (2.x.y+cpu sorts above 2.x.y), and the registry's torchvision cannot import
+# against it.
+PIP := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(BIN)/python -m pip
+
+.PHONY: venv demo test clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/histo-dist synth --output $(DEMO)/pcam-synth --n-train 2048 --n-valid 512 --n-test 512 --seed 0
+	$(BIN)/histo-dist convert --input $(DEMO)/pcam-synth --output $(DEMO)/shards --overwrite
+	$(BIN)/histo-dist verify $(DEMO)/shards
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(DEMO)

@@ -1,0 +1,3 @@
+from histo_dist.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""`histo-dist` command line: one subcommand per job, each defined in its own module.
+
+A command module exposes `configure(parser)` to add its options and `run(args) -> int`; its
+docstring's first paragraph is the command's description. Only the module of the command being
+run is imported (torch takes seconds to import; `histo-dist --help` should not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from histo_dist import __version__
+from histo_dist.errors import HistoDistError
+
+# name -> (module, one-line help); the order is the order `histo-dist --help` lists them in.
+COMMANDS = {
+    "synth": ("histo_dist.synth", "write a synthetic PCam-format dataset (the embedded default, no download)"),
+    "convert": ("histo_dist.convert", "convert PCam HDF5 / ImageFolder / Kaggle data into WebDataset shards"),
+    "verify": ("histo_dist.verify", "check shards against their manifest: sizes, sha256, counts, decoding"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only `command`'s own options are configured (the others show their help line)."""
+    parser = argparse.ArgumentParser(
+        prog="histo-dist",
+        description="Distributed training for histopathology patch classification on WebDataset shards.",
+    )
+    parser.add_argument("--version", action="version", version=f"histo-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_line) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_line)
+            continue
+        module = importlib.import_module(module_name)
+        description = module.__doc__.strip().split("\n\n")[0] if module.__doc__ else help_line
+        p = sub.add_parser(name, help=help_line, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.configure(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except HistoDistError as e:
+        print(f"histo-dist {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"histo-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Convert PCam HDF5 (or an ImageFolder tree, or the Kaggle layout) into WebDataset tar shards.
+
+Writes `{split}-000000.tar, ...` and one `manifest.json` per output folder. Every shard is written
+under a temp name and renamed when complete, and the manifest is written last, so a conversion
+killed at any point leaves no incomplete shard under a final name and no manifest claiming what
+is not there. Running the same command again resumes: shards already complete are kept (checked
+against the plan saved in `.convert-plan.json`), the rest are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from histo_dist import __version__
+from histo_dist.config import add_dataclass_arguments, from_namespace
+from histo_dist.errors import HistoDistError
+from histo_dist.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    sample_key,
+    shard_name,
+    write_atomic,
+)
+from histo_dist.sources import Source, SplitSource, detect_format, open_imagefolder, open_kaggle, open_pcam, remove_files
+
+PLAN_NAME = ".convert-plan.json"
+WORK_DIR = ".work"
+OUR_FILES = re.compile(r"^(?:(?:train|valid|test)-\d{6}\.tar|manifest\.json|\.convert-plan\.json|\..*\.partial)$")
+
+
+@dataclass
+class ConvertConfig:
+    input: str
+    """Folder holding the source data (PCam .h5/.h5.gz files, an ImageFolder tree, or the Kaggle layout)."""
+    output: str = ""
+    """Folder for shards and manifest.json; empty means shards/<name of the input folder>."""
+    format: Literal["auto", "pcam", "imagefolder", "kaggle"] = "auto"
+    """Source layout; auto detects PCam file names, then train_labels.csv (Kaggle), else ImageFolder."""
+    splits: str = "train,valid,test"
+    """PCam only: comma-separated splits to convert (all three files of each must be present)."""
+    samples_per_shard: int = 2048
+    """Samples per tar shard (the last shard of a split holds the rest). 2048 npy patches ~ 58 MB."""
+    codec: Literal["npy", "png", "jpeg"] = "npy"
+    """Image encoding: npy (lossless, fastest to read: the default), png (lossless, smaller), jpeg (lossy)."""
+    jpeg_quality: int = 95
+    """JPEG quality (1-95) when codec is jpeg."""
+    shuffle: bool = True
+    """Shuffle the training split at write time (from --seed), so streaming reads are well mixed."""
+    seed: int = 0
+    """Seed of the write-time shuffle and of the train/valid/test split for Kaggle and unsplit ImageFolder data."""
+    valid_fraction: float = 0.1
+    """Kaggle / unsplit ImageFolder: fraction of samples drawn into the validation split."""
+    test_fraction: float = 0.1
+    """Kaggle / unsplit ImageFolder: fraction of samples drawn into the test split."""
+    workers: int = 0
+    """Parallel writer processes; 0 means one per CPU core (at most 8)."""
+    overwrite: bool = False
+    """Replace an existing conversion in the output folder."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.samples_per_shard < 1:
+            problems.append(f"samples_per_shard: must be >= 1, got {self.samples_per_shard}")
+        if not 1 <= self.jpeg_quality <= 95:
+            problems.append(f"jpeg_quality: must be in 1..95, got {self.jpeg_quality}")
+        for name in ("valid_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            problems.append("valid_fraction + test_fraction: must leave samples for training (sum < 1)")
+        if self.workers < 0:
+            problems.append(f"workers: must be >= 0, got {self.workers}")
+        bad = [s for s in self.split_list if s not in SPLITS]
+        if bad or not self.split_list:
+            problems.append(f"splits: {self.splits!r} must be a comma-separated subset of {','.join(SPLITS)}")
+        return problems
+
+    @property
+    def split_list(self) -> list[str]:
+        return [s.strip() for s in self.splits.split(",") if s.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: which source samples go into which shard. Pure function of the source and the config.
+
+
+@dataclass
+class ShardJob:
+    split: SplitSource
+    shard: str
+    indices: np.ndarray
+    """Positions in the source split, in the order they are written."""
+
+
+def plan_shards(source: Source, cfg: ConvertConfig) -> list[ShardJob]:
+    jobs = []
+    for split_name, split in source.splits.items():
+        order = np.arange(split.num_samples)
+        if cfg.shuffle and split_name == "train":
+            order = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5A4D])).permutation(split.num_samples)
+        for i, start in enumerate(range(0, split.num_samples, cfg.samples_per_shard)):
+            jobs.append(ShardJob(split, shard_name(split_name, i), order[start : start + cfg.samples_per_shard]))
+    return jobs
+
+
+def plan_fingerprint(source: Source, cfg: ConvertConfig, jobs: list[ShardJob]) -> dict:
+    """What must be equal for a re-run to reuse shards already written."""
+    return {
+        "created_by": f"histo-dist {__version__}",
+        "source_format": source.kind,
+        "source_files": source.files,
+        "codec": cfg.codec,
+        "jpeg_quality": cfg.jpeg_quality if cfg.codec == "jpeg" else None,
+        "samples_per_shard": cfg.samples_per_shard,
+        "shuffle": cfg.shuffle,
+        "seed": cfg.seed,
+        "splits": {name: s.num_samples for name, s in source.splits.items()},
+        "fractions": [cfg.valid_fraction, cfg.test_fraction] if source.kind != "pcam" else None,
+        "shards": [job.shard for job in jobs],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Work done per shard (in a worker process)
+
+
+def _write_job(job: ShardJob, output: str, codec: str, num_classes: int, jpeg_quality: int) -> ShardInfo:
+    from histo_dist.shards import write_shard
+
+    images, labels, metas = job.split.read(job.indices)
+    keys = [sample_key(job.split.split, int(i)) for i in job.indices]
+    return write_shard(Path(output) / job.shard, keys, images, labels, metas, codec, num_classes, jpeg_quality)
+
+
+def _existing_shard_info(path: Path, num_classes: int) -> ShardInfo:
+    """Info of a complete shard left by an interrupted run (hash and label counts re-read)."""
+    from histo_dist.shards import iter_raw_samples
+    from histo_dist.sources import sha256_file
+
+    counts = np.zeros(num_classes, dtype=np.int64)
+    n = 0
+    for sample in iter_raw_samples(path):
+        counts[int(sample.members["cls"])] += 1
+        n += 1
+    return ShardInfo(path.name, n, tuple(int(c) for c in counts), sha256_file(path), path.stat().st_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a finished conversion; with --overwrite, remove our files (only ours)."""
+    out.mkdir(parents=True, exist_ok=True)
+    ours = [p for p in out.iterdir() if OUR_FILES.match(p.name)]
+    if overwrite:
+        remove_files(ours + [out / WORK_DIR])
+    elif (out / MANIFEST_NAME).exists():
+        raise HistoDistError(
+            f"{out}: already holds a finished conversion ({MANIFEST_NAME}); pass --overwrite to replace it "
+            "or choose another --output"
+        )
+
+
+def resumable_shards(out: Path, fingerprint: dict, overwrite: bool) -> set[str]:
+    """Names of complete shards a previous run of this same plan left; error for foreign shards."""
+    plan_path = out / PLAN_NAME
+    tars = {p.name for p in out.glob("*.tar")}
+    if not tars:
+        return set()
+    old = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    if old != fingerprint:
+        what = "a different conversion (other source or options)" if old else "shards of unknown origin"
+        raise HistoDistError(
+            f"{out}: holds {len(tars)} shard(s) from {what}; pass --overwrite to replace them or choose another --output"
+        )
+    return tars & set(fingerprint["shards"])
+
+
+def convert(cfg: ConvertConfig) -> Manifest:
+    from tqdm import tqdm
+
+    in_root = Path(cfg.input)
+    if not in_root.is_dir():
+        raise HistoDistError(f"--input {in_root}: not a folder")
+    out = Path(cfg.output or Path("shards") / in_root.resolve().name)
+    prepare_output(out, cfg.overwrite)
+
+    kind = detect_format(in_root) if cfg.format == "auto" else cfg.format
+    t0 = time.perf_counter()
+    if kind == "pcam":
+        source = open_pcam(in_root, cfg.split_list, out / WORK_DIR, cfg.progress)
+    elif kind == "imagefolder":
+        source = open_imagefolder(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+    else:
+        source = open_kaggle(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+    num_classes = len(source.label_names)
+
+    jobs = plan_shards(source, cfg)
+    fingerprint = plan_fingerprint(source, cfg, jobs)
+    done = resumable_shards(out, fingerprint, cfg.overwrite)
+    write_atomic(out / PLAN_NAME, json.dumps(fingerprint, indent=1).encode())
+    remove_files([p for p in out.glob(".*.partial")])  # temp files of a killed run
+
+    infos: dict[str, ShardInfo] = {}
+    for job in jobs:
+        if job.shard in done:
+            infos[job.shard] = _existing_shard_info(out / job.shard, num_classes)
+    todo = [job for job in jobs if job.shard not in done]
+    total = sum(s.num_samples for s in source.splits.values())
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    bar = tqdm(total=total, unit="img", desc=f"convert {kind} -> {out}", disable=not cfg.progress)
+    bar.update(total - sum(len(j.indices) for j in todo))
+    args = (str(out), cfg.codec, num_classes, cfg.jpeg_quality)
+    if workers == 1 or len(todo) <= 1:
+        for job in todo:
+            infos[job.shard] = _write_job(job, *args)
+            bar.update(len(job.indices))
+    else:
+        # spawn, not fork: h5py and torch state must not be shared with the children.
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_write_job, job, *args) for job in todo]
+            try:
+                for future in as_completed(futures):
+                    info = future.result()
+                    infos[info.name] = info
+                    bar.update(info.num_samples)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # no new shards after the first error
+                raise
+    bar.close()
+
+    splits = {}
+    for name, split in source.splits.items():
+        shards = tuple(infos[job.shard] for job in jobs if job.split is split)
+        counts = np.bincount(split.labels, minlength=num_classes)
+        written = np.sum([s.class_counts for s in shards], axis=0)
+        if not np.array_equal(counts, written):  # a bug or a changed source, never silently
+            raise HistoDistError(f"{out}: class counts of split {name} in shards {written} != source {counts}")
+        splits[name] = SplitInfo(split.num_samples, tuple(int(c) for c in counts), cfg.shuffle and name == "train", shards)
+    manifest = Manifest(
+        codec=cfg.codec,
+        image_shape=tuple(int(d) for d in source.image_shape),
+        label_names=source.label_names,
+        splits=splits,
+        source={"format": source.kind, "root": str(in_root.resolve()), "files": source.files},
+        samples_per_shard=cfg.samples_per_shard,
+        shuffle_seed=cfg.seed if cfg.shuffle else None,
+        created_by=f"histo-dist {__version__}",
+        root=out,
+    )
+    manifest.save(out)  # last: only now does the folder claim to hold a dataset
+    remove_files([out / PLAN_NAME, out / WORK_DIR, *source.cleanup])
+
+    seconds = time.perf_counter() - t0
+    shard_bytes = sum(s.bytes for sp in splits.values() for s in sp.shards)
+    print(
+        f"converted {total} images in {seconds:.1f} s ({total / seconds:.0f} img/s), {len(jobs)} shards, "
+        f"{shard_bytes / max(total, 1):.0f} bytes/image ({cfg.codec}) -> {out / MANIFEST_NAME}"
+    )
+    return manifest
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, ConvertConfig, required=["input"])
+
+
+def run(args: argparse.Namespace) -> int:
+    convert(from_namespace(ConvertConfig, args))
+    return 0
