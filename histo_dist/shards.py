@@ -64,13 +64,13 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
     return _NPY_HEADERS[shape]
 
 
-def decode_image(data: bytes, codec: str, shape: tuple[int, int, int]) -> np.ndarray:
+def decode_image(data: bytes | memoryview, codec: str, shape: tuple[int, int, int]) -> np.ndarray:
     """Bytes of one image member -> uint8 (H,W,3); raises ValueError when it is not that."""
     if codec == "npy":
         header = npy_header(shape)
         # Fast path: every image of a dataset has the same header, so skip parsing it (~30x faster
         # than np.load at 96x96, where per-sample work dominates the loader).
-        if len(data) == len(header) + int(np.prod(shape)) and data.startswith(header):
+        if len(data) == len(header) + int(np.prod(shape)) and data[: len(header)] == header:
             return np.frombuffer(data, np.uint8, offset=len(header)).reshape(shape)
         array = np.load(io.BytesIO(data), allow_pickle=False)
     else:
@@ -120,8 +120,10 @@ def write_shard(
     try:
         with open(tmp, "wb") as raw:
             hashing = _HashingFile(raw)
-            # Fixed mtime/owner: identical input -> identical bytes -> identical sha256.
-            writer = wds.TarWriter(hashing, encoder=False, mtime=0.0, user="histo-dist", group="histo-dist")
+            # Fixed mtime/owner: identical input -> identical bytes -> identical sha256. Plain ustar
+            # with an integer mtime: no pax header per member (a float mtime adds 1 KB to each).
+            writer = wds.TarWriter(hashing, encoder=False, mtime=0, user="histo-dist", group="histo-dist",
+                                   format=tarfile.USTAR_FORMAT)
             for key, image, label, meta in zip(keys, images, labels, metas):
                 writer.write({
                     "__key__": key,
@@ -209,3 +211,65 @@ def decode_sample(
     except Exception as e:  # any decoder failure is a bad sample, named
         raise ShardError(f"{where}: cannot decode .{ext} image ({e})") from None
     return image, label
+
+
+def iter_raw_samples_mmap(path: str | Path) -> Iterator[RawSample]:
+    """Fast reader for local shards: parses ustar headers over an mmap, members as zero-copy views.
+
+    `tarfile` costs ~15 us per member in Python; this costs ~1-2 us, which is what lets one loader
+    worker approach the raw read rate on 96x96 patches. It handles the plain ustar members our
+    writer produces; any other member type (pax/GNU long names) falls back to `iter_raw_samples`.
+    The returned members are memoryviews into the mapping: copy (or decode) before the next shard.
+    """
+    import mmap
+
+    name = str(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    pos, current, seen = 0, None, set()
+    while pos + 512 <= size:
+        header = view[pos : pos + 512]
+        if header[0] == 0:  # end-of-archive marker (two zero blocks)
+            break
+        if bytes(header[257:262]) != b"ustar":
+            raise ShardError(f"{name}: corrupt tar header at byte {pos} (no ustar magic); truncated or corrupt?")
+        typeflag = header[156]
+        try:
+            member_size = int(bytes(header[124:136]).rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ShardError(f"{name}: corrupt tar header at byte {pos} (bad size field)") from None
+        if typeflag not in (ord("0"), 0):
+            if typeflag in (ord("x"), ord("g"), ord("L"), ord("K")):
+                yield from iter_raw_samples(path)  # extended headers: let tarfile do it
+                return
+            pos += 512 + (member_size + 511) // 512 * 512
+            continue
+        prefix = bytes(header[345:500]).rstrip(b"\0")
+        member = bytes(header[0:100]).rstrip(b"\0").decode()
+        if prefix:
+            member = prefix.decode() + "/" + member
+        start = pos + 512
+        if start + member_size > size:
+            raise ShardError(f"{name}: member {member!r} is truncated (shard ends at byte {size})")
+        base = member.rsplit("/", 1)[-1]
+        key_part, dot, ext = base.partition(".")
+        if not dot:
+            raise ShardError(f"{name}: member {member!r} has no extension (expected KEY.cls / KEY.npy ...)")
+        key = member[: len(member) - len(base)] + key_part
+        if current is None or key != current.key:
+            if current is not None:
+                yield current
+            if key in seen:
+                raise ShardError(f"{name}: key {key!r} appears twice (members of a sample must be adjacent)")
+            seen.add(key)
+            current = RawSample(key, {})
+        current.members[ext] = view[start : start + member_size]
+        pos = start + (member_size + 511) // 512 * 512
+    else:
+        if pos < size or size < 1024:
+            raise ShardError(f"{name}: truncated tar (ends at byte {size} inside a header)")
+    if current is not None:
+        yield current

@@ -1,0 +1,379 @@
+"""Per-rank streaming loaders over WebDataset shards: exact epochs, exact resume, equal steps.
+
+How an epoch is laid out (all of it a pure function of plain values, see `worker_plan`):
+
+1. The epoch's *stream* is the split's shards concatenated, in an order drawn from (seed, epoch)
+   for training (the same on every rank: no communication needed) and in manifest order for
+   evaluation. Sample counts come from the manifest, so every rank knows the whole layout.
+2. Training: each rank takes a contiguous slice of `N // world_size` samples of the stream, of
+   which it uses `steps * batch_size` (steps = that // batch_size, the same on every rank: DDP never
+   waits on a rank that ran out). Its batches are dealt to its loader workers in turn; each worker
+   reads one contiguous range, so slices may start or end inside a shard and every worker gets
+   work whatever the number of shards (no "shards >= ranks x workers" rule, no empty worker).
+   Samples go through a per-worker shuffle buffer seeded from (seed, epoch, rank, worker); the
+   stream itself was shuffled at conversion time and its shard order changes every epoch.
+3. Evaluation: ranks and then workers take contiguous ranges that partition the split exactly:
+   every sample is read once, no padding duplicates. Each worker checks that its shards hold what
+   the manifest says; a mismatch is an error, never a silent short count.
+4. Resume: the state is (epoch, batches consumed). A worker recomputes its plan and skips the
+   batches already consumed without decoding them, and workers are rotated so that PyTorch's
+   round-robin over workers resumes at the right one: the next batches are exactly those an
+   uninterrupted run would have produced. Resuming needs the same world size, workers, batch size,
+   seed and buffer; `load_state_dict` refuses anything else.
+
+Per-sample augmentation seeds come from (seed, epoch, position in the epoch's stream), so a resumed
+run augments every sample the same way. Loaders are built per rank and do *not* go through
+`accelerator.prepare` (that would make rank 0 read everything and broadcast it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from histo_dist.errors import HistoDistError
+from histo_dist.manifest import Manifest
+from histo_dist.shards import ShardError, decode_image, iter_raw_samples, iter_raw_samples_mmap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 128
+    """Training samples per batch on each rank (global batch = batch_size x world size x accumulation)."""
+    eval_batch_size: int = 256
+    """Samples per batch for validation and test (the last batch of a worker may be smaller)."""
+    num_workers: int = 2
+    """Loader worker processes per rank; 0 reads in the training process."""
+    shuffle_buffer: int = 4096
+    """Samples in each worker's shuffle buffer (training); ~28 KB each at 96x96. 0 disables it."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead."""
+    pin_memory: bool = True
+    """Pin batches in page-locked memory when a GPU is present (faster, asynchronous copies)."""
+    shard_url: str = ""
+    """Read shards from elsewhere: a template with {name}, e.g. 'pipe:aws s3 cp s3://bucket/pcam/{name} -' or
+    'https://host/pcam/{name}'. Empty reads the files next to the manifest (fast local path)."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("batch_size", "eval_batch_size", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.shard_url and "{name}" not in self.shard_url:
+            problems.append(f"shard_url: must contain {{name}} (the shard file name), got {self.shard_url!r}")
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: which samples each worker of each rank reads in an epoch. Pure functions.
+
+
+@dataclass(frozen=True)
+class Segment:
+    shard: int
+    """Index of the shard in the manifest's list for the split."""
+    start: int
+    stop: int
+    """Sample positions [start, stop) within the shard."""
+    position: int
+    """Position of `start` in the epoch's stream (for augmentation seeds and checks)."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    segments: tuple[Segment, ...]
+    num_batches: int
+    batch_size: int
+    num_samples: int
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, training: bool) -> np.ndarray:
+    """Shard order of an epoch: a permutation from (seed, epoch) for training, manifest order otherwise."""
+    if not training:
+        return np.arange(num_shards)
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5AD0])).permutation(num_shards)
+
+
+def _split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `total` items are cut into `parts` contiguous, near-equal parts."""
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Training batches per rank per epoch: the same on every rank."""
+    return (num_samples // world_size) // batch_size
+
+
+def worker_plan(
+    shard_sizes: list[int], *, seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
+    worker: int, batch_size: int, training: bool,
+) -> WorkerPlan:
+    """What worker `worker` of rank `rank` reads in `epoch` (num_workers counts loader workers; 0 -> 1)."""
+    workers = max(num_workers, 1)
+    order = shard_order(len(shard_sizes), seed, epoch, training)
+    sizes = np.asarray(shard_sizes, dtype=np.int64)[order]
+    total = int(sizes.sum())
+    if training:
+        steps = steps_per_epoch(total, world_size, batch_size)
+        rank_start = rank * (total // world_size)
+        first_batch, end_batch = _split_evenly(steps, workers, worker)
+        start, stop = rank_start + first_batch * batch_size, rank_start + end_batch * batch_size
+        num_batches = end_batch - first_batch
+    else:
+        rank_start, rank_stop = _split_evenly(total, world_size, rank)
+        a, b = _split_evenly(rank_stop - rank_start, workers, worker)
+        start, stop = rank_start + a, rank_start + b
+        num_batches = -(-(stop - start) // batch_size)
+    # Map the stream range [start, stop) onto shards.
+    ends = np.cumsum(sizes)
+    segments = []
+    i = bisect.bisect_right(ends.tolist(), start)
+    pos = start
+    while pos < stop:
+        shard_start = int(ends[i] - sizes[i])
+        seg_stop = min(stop, int(ends[i]))
+        segments.append(Segment(int(order[i]), pos - shard_start, seg_stop - shard_start, pos))
+        pos = seg_stop
+        i += 1
+    return WorkerPlan(tuple(segments), num_batches, batch_size, stop - start)
+
+
+def augmentation_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """One 63-bit seed per sample from (seed, epoch, stream position): splitmix64 finaliser."""
+    with np.errstate(over="ignore"):
+        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(epoch) * np.uint64(0xBF58476D1CE4E5B9)
+             + positions.astype(np.uint64) * np.uint64(0x94D049BB133111EB))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: one worker's plan -> batches
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """The batches of one rank for one epoch, produced by the DataLoader's workers."""
+
+    def __init__(self, loader: "ShardLoader", epoch: int, start_batch: int, num_workers: int):
+        self.urls = loader.shard_urls
+        self.shard_sizes = loader.shard_sizes
+        self.codec, self.shape, self.num_classes = loader.codec, loader.shape, loader.num_classes
+        self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
+        self.training, self.batch_size, self.buffer = loader.training, loader.batch_size, loader.shuffle_buffer
+        self.transform = loader.transform
+        self.epoch, self.start_batch, self.num_workers = epoch, start_batch, num_workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers = max(self.num_workers, 1)
+        physical = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)  # workers share the cores with the training process
+        # Rotate so that DataLoader's round-robin, which starts at worker 0, resumes at the worker
+        # that produces batch `start_batch` (batch b of an epoch comes from worker b % workers).
+        worker = (physical + self.start_batch) % workers
+        plan = worker_plan(
+            self.shard_sizes, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+            num_workers=self.num_workers, worker=worker, batch_size=self.batch_size, training=self.training,
+        )
+        skip = self.start_batch // workers + (worker < self.start_batch % workers)
+        samples = self._samples(plan)
+        if self.training and self.buffer > 1:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 0xB0F]))
+            samples = shuffle_buffer(samples, self.buffer, rng)
+        # `_samples` raises when a shard holds fewer or more samples than the manifest says, so
+        # every planned batch is full (training) and every planned sample is read once (evaluation).
+        for index in range(plan.num_batches):
+            batch = list(itertools.islice(samples, self.batch_size))
+            if self.training and len(batch) != self.batch_size:
+                raise ShardError(f"rank {self.rank} worker {worker}: batch {index} has {len(batch)} samples, planned {self.batch_size}")
+            if index >= skip:  # skipped batches (resume) are read but never decoded
+                yield self._collate(batch)
+
+    def _samples(self, plan: WorkerPlan) -> Iterator[tuple]:
+        """(position, key, label, image bytes) for each sample of the plan, in stream order."""
+        for seg in plan.segments:
+            url = self.urls[seg.shard]
+            reader = iter_raw_samples_mmap(url) if "://" not in url and not url.startswith("pipe:") else _iter_url(url)
+            count = 0
+            for i, sample in enumerate(reader):
+                if i >= seg.stop:
+                    if seg.stop < self.shard_sizes[seg.shard]:
+                        break
+                    raise ShardError(f"{url}: holds more samples than the manifest's {self.shard_sizes[seg.shard]}")
+                count = i + 1
+                if i < seg.start:
+                    continue
+                yield seg.position + i - seg.start, sample.key, sample.members.get("cls"), sample.members
+            if count < seg.stop:
+                raise ShardError(
+                    f"{url}: ends after {count} samples, the manifest says {self.shard_sizes[seg.shard]}; "
+                    "the shard is truncated or does not belong to this manifest (run `histo-dist verify`)"
+                )
+
+    def _collate(self, batch: list[tuple]) -> dict[str, Any]:
+        from histo_dist.manifest import CODEC_EXTENSIONS
+
+        ext = CODEC_EXTENSIONS[self.codec]
+        images = np.empty((len(batch), *self.shape), dtype=np.uint8)
+        labels = np.empty(len(batch), dtype=np.int64)
+        keys, positions = [], np.empty(len(batch), dtype=np.int64)
+        for j, (position, key, label, members) in enumerate(batch):
+            if label is None or ext not in members:
+                missing = "label (.cls)" if label is None else f"image (.{ext})"
+                raise ShardError(f"sample {key!r}: no {missing} member; run `histo-dist verify` on the shards")
+            try:
+                images[j] = decode_image(members[ext], self.codec, self.shape)
+                labels[j] = int(bytes(label))
+            except ValueError as e:
+                raise ShardError(f"sample {key!r}: cannot decode ({e})") from None
+            if not 0 <= labels[j] < self.num_classes:
+                raise ShardError(f"sample {key!r}: label {labels[j]} outside 0..{self.num_classes - 1}")
+            keys.append(key)
+            positions[j] = position
+        # (N,H,W,C) -> (N,C,H,W) as a view: the result is channels_last in memory, no copy.
+        out = {
+            "image": torch.from_numpy(images).permute(0, 3, 1, 2),
+            "label": torch.from_numpy(labels),
+            "key": keys,
+            "seed": torch.from_numpy(augmentation_seeds(self.seed, self.epoch, positions)),
+        }
+        if self.transform is not None:
+            out["image"] = self.transform(out["image"], out["seed"])
+        return out
+
+
+def _iter_url(url: str):
+    import webdataset as wds
+
+    stream = wds.gopen(url)
+    try:
+        yield from iter_raw_samples(url, fileobj=stream)
+    finally:
+        stream.close()
+
+
+def shuffle_buffer(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Reservoir-style shuffle: hold `size` samples, emit a random one as each new one arrives."""
+    buffer: list = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader a trainer uses
+
+
+class ShardLoader:
+    """The batches of one rank for one split, epoch after epoch, resumable at any step.
+
+    Iterating yields dicts with `image` (uint8, N x 3 x H x W, channels_last memory; or the
+    transform's output), `label` (int64), `key` (sample keys) and `seed` (per-sample augmentation
+    seeds). `transform(images, seeds)`, when given, runs in the loader workers.
+    """
+
+    def __init__(
+        self, manifest: Manifest, split: str, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1,
+        seed: int = 0, training: bool = True, transform: Callable | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        info = manifest.split(split)
+        self.split, self.rank, self.world_size, self.seed, self.training = split, rank, world_size, seed, training
+        self.cfg = cfg
+        self.batch_size = cfg.batch_size if training else cfg.eval_batch_size
+        self.shuffle_buffer = cfg.shuffle_buffer
+        self.transform = transform
+        self.shard_sizes = [s.num_samples for s in info.shards]
+        self.shard_urls = [cfg.shard_url.format(name=s.name) if cfg.shard_url else str(manifest.root / s.name)
+                           for s in info.shards]
+        self.codec, self.shape, self.num_classes = manifest.codec, tuple(manifest.image_shape), manifest.num_classes
+        self.num_samples = info.num_samples
+        if training:
+            self.steps = steps_per_epoch(self.num_samples, world_size, self.batch_size)
+            if self.steps == 0:
+                raise HistoDistError(
+                    f"split {split!r} has {self.num_samples} samples: too few for {world_size} rank(s) x batch_size "
+                    f"{self.batch_size}; lower loader.batch_size to at most {self.num_samples // world_size}"
+                )
+        elif self.num_samples < world_size:
+            raise HistoDistError(f"split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks")
+        # Never more workers than batches (a worker without work would only cost a process).
+        self.num_workers = min(cfg.num_workers, self.steps if training else self.num_samples)
+        self.epoch, self.batch = 0, 0
+
+    # -- sizes -----------------------------------------------------------------------------------
+    def _plans(self) -> list[WorkerPlan]:
+        return [
+            worker_plan(self.shard_sizes, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                        num_workers=self.num_workers, worker=w, batch_size=self.batch_size, training=self.training)
+            for w in range(max(self.num_workers, 1))
+        ]
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a full epoch."""
+        return self.steps if self.training else sum(p.num_batches for p in self._plans())
+
+    @property
+    def rank_samples(self) -> int:
+        """Samples this rank reads in one epoch (evaluation: its exact share of the split)."""
+        return sum(p.num_samples for p in self._plans())
+
+    # -- epochs and state ------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batch = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, **self._geometry()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self._geometry().items() if state.get(k) != v}
+        if mismatched:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
+            raise HistoDistError(f"cannot resume the {self.split} loader exactly: {detail}; resume with the same settings")
+        if not 0 <= state["batch"] <= len(self):
+            raise HistoDistError(f"loader state batch {state['batch']} outside 0..{len(self)}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def _geometry(self) -> dict[str, Any]:
+        return {"split": self.split, "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
+                "num_workers": self.num_workers, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
+                "shard_sizes": self.shard_sizes}
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield the rest of the current epoch; the position advances as batches are handed out."""
+        if self.batch >= len(self):
+            self.epoch, self.batch = self.epoch + 1, 0
+        stream = _EpochStream(self, self.epoch, self.batch, self.num_workers)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=self.cfg.prefetch_factor if self.num_workers else None,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+        )
+        for batch in loader:
+            self.batch += 1
+            yield batch
