@@ -1,0 +1,236 @@
+"""Model registry: output shapes, stages and freezing, frozen batch norms, pretrained weights without network."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from histo_dist.config import ConfigError, from_dict
+from histo_dist.errors import HistoDistError
+from histo_dist.models import (
+    ARCHITECTURES,
+    MODEL_NAMES,
+    ModelConfig,
+    ModelError,
+    build_model,
+    hub_weights_path,
+    num_outputs,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any download attempt, by torch hub or a raw socket, fails the test loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub"), "torch.hub.set_dir was called elsewhere"
+    return tmp_path / "torch" / "hub"
+
+
+def backbone_state(model) -> dict[str, torch.Tensor]:
+    head = ARCHITECTURES[model.arch_name].head + "."
+    return {k: v.clone() for k, v in model.net.state_dict().items() if not k.startswith(head)}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and stages
+
+
+def test_num_outputs():
+    assert num_outputs(2) == 1
+    assert num_outputs(9) == 9
+    with pytest.raises(ModelError, match="at least 2 classes"):
+        num_outputs(1)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_gives_its_logits_and_stages_split_its_backbone(name):
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert build_model(ModelConfig(name=name, dropout=0.2), 2)(x).shape == (2, 1)
+        model = build_model(ModelConfig(name=name), 5)
+        assert model(x).shape == (2, 5)
+    # Every backbone parameter is in exactly one stage, so freezing the last stage freezes the whole backbone.
+    owners: dict[int, list[str]] = {}
+    for stage, paths in ARCHITECTURES[name].stages.items():
+        for path in paths:
+            for p in model.net.get_submodule(path).parameters():
+                owners.setdefault(id(p), []).append(stage)
+    assert all(len(stages) == 1 for stages in owners.values()), owners
+    assert set(owners) == {id(p) for p in model.backbone_parameters()}
+    assert not set(owners) & {id(p) for p in model.head_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing
+
+
+def test_freeze_all_trains_only_the_head():
+    model = build_model(ModelConfig(name="resnet18", freeze="all"), 2)
+    assert [id(p) for p in model.parameters() if p.requires_grad] == [id(p) for p in model.head_parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    loss = nn.functional.binary_cross_entropy_with_logits(model(torch.randn(4, 3, 96, 96)), torch.ones(4, 1))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Only the head moved: no backbone weight, and no batch-norm running statistic either.
+    assert changed == {"net.fc.1.weight", "net.fc.1.bias"}
+
+
+def test_freeze_to_a_stage_freezes_the_stem_up_to_it():
+    model = build_model(ModelConfig(name="resnet18", freeze="layer2"), 2)
+    frozen_modules = ("conv1.", "bn1.", "layer1.", "layer2.")
+    for name, p in model.net.named_parameters():
+        assert p.requires_grad != name.startswith(frozen_modules), name
+
+
+def test_frozen_batch_norms_stay_in_eval_mode():
+    model = build_model(ModelConfig(name="resnet18", freeze="layer2"), 2)
+    model.eval()
+    model.train()
+    assert not model.net.bn1.training and not model.net.layer2[1].bn2.training
+    assert model.net.layer3[0].bn1.training and model.net.fc.training
+    running_mean = model.net.layer1[0].bn1.running_mean.clone()
+    model(torch.randn(2, 3, 96, 96))
+    assert torch.equal(model.net.layer1[0].bn1.running_mean, running_mean)
+    # Still so after DDP's SyncBatchNorm conversion replaces the modules.
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).train()
+    assert isinstance(model.net.bn1, nn.SyncBatchNorm) and not model.net.bn1.training
+    assert model.net.layer3[0].bn1.training
+    model.eval()
+    assert not model.net.layer3[0].bn1.training
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights
+
+
+def test_imagenet_weights_missing_from_the_hub_cache_name_the_file_and_url(hub_dir):
+    with pytest.raises(HistoDistError) as error:
+        build_model(ModelConfig(name="resnet18", pretrained="imagenet"), 2)
+    message = str(error.value)
+    assert str(hub_dir / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert not (hub_dir / "checkpoints").exists()
+
+
+def test_imagenet_weights_load_from_the_hub_cache(hub_dir):
+    imagenet = torchvision.models.resnet18()  # stands in for the real file: same keys, 1000-class fc
+    with torch.no_grad():
+        imagenet.bn1.running_mean.uniform_()
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    path = hub_weights_path(weights)
+    assert path == hub_dir / "checkpoints" / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(imagenet.state_dict(), path)
+    for pretrained in ("imagenet", "IMAGENET1K_V1", "DEFAULT"):
+        model = build_model(ModelConfig(name="resnet18", pretrained=pretrained), 5)
+        expected = {k: v for k, v in imagenet.state_dict().items() if not k.startswith("fc.")}
+        assert_same(backbone_state(model), expected)
+        assert model.net.fc[1].weight.shape == (5, 512)
+
+
+def test_old_densenet_key_names_are_renamed(hub_dir):
+    densenet = torchvision.models.densenet121()
+    # torchvision's published DenseNet files spell denselayerN.norm1 as denselayerN.norm.1
+    old = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in densenet.state_dict().items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    path = hub_weights_path(torchvision.models.DenseNet121_Weights.IMAGENET1K_V1)
+    path.parent.mkdir(parents=True)
+    torch.save(old, path)
+    model = build_model(ModelConfig(name="densenet121", pretrained="imagenet"), 2)
+    assert_same(backbone_state(model), {k: v for k, v in densenet.state_dict().items() if not k.startswith("classifier.")})
+
+
+def test_weights_file_from_another_instance_reproduces_its_backbone(tmp_path):
+    source = build_model(ModelConfig(name="resnet18"), 2)
+    with torch.no_grad():
+        source.net.layer4[1].bn2.running_var.uniform_(1, 2)
+    torch.save(source.state_dict(), tmp_path / "run.pt")  # Classifier keys: net.conv1.weight, ...
+    model = build_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "run.pt"), freeze="layer3"), 5)
+    assert_same(backbone_state(model), backbone_state(source))
+    assert model.net.fc[1].weight.shape == (5, 512)
+
+
+def test_weights_file_formats(tmp_path):
+    """Checkpoint dicts, DDP / compile key prefixes and safetensors files hold the same weights."""
+    source = build_model(ModelConfig(name="simple_cnn"), 2)
+    torch.save({"model": {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}, "step": 3}, tmp_path / "ckpt.pt")
+    files = [tmp_path / "ckpt.pt"]
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(source.net.state_dict(), str(tmp_path / "net.safetensors"))
+    files.append(tmp_path / "net.safetensors")
+    for path in files:
+        model = build_model(ModelConfig(name="simple_cnn", pretrained=str(path)), 3)
+        assert_same(backbone_state(model), backbone_state(source))
+
+
+def test_weights_file_of_another_architecture_is_refused_clearly(tmp_path):
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(ModelError, match=r"resnet34\.pth does not fit the resnet18 backbone: unexpected .*layer1\.2\.conv1\.weight"):
+        build_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "resnet34.pth")), 2)
+    torch.save(build_model(ModelConfig(), 2).state_dict(), tmp_path / "cnn.pth")
+    with pytest.raises(ModelError, match=r"cnn\.pth does not fit the resnet18 backbone: missing \(\d+\): conv1\.weight"):
+        build_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "cnn.pth")), 2)
+    with pytest.raises(ModelError, match=r"shape mismatch.*features\.0\.0\.weight \(file \(16, 3, 3, 3\), model \(32, 3, 3, 3\)\)"):
+        state = build_model(ModelConfig(), 2).net.state_dict()
+        state["features.0.0.weight"] = torch.zeros(16, 3, 3, 3)
+        torch.save(state, tmp_path / "narrow.pth")
+        build_model(ModelConfig(pretrained=str(tmp_path / "narrow.pth")), 2)
+
+
+def test_unreadable_or_missing_weights_file(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read weights file .*junk.pth"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "junk.pth")), 2)
+    with pytest.raises(ModelError, match="nope.pth.*no such file"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "nope.pth")), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_config_problems_name_their_field():
+    assert ModelConfig().validate() == []
+    assert ModelConfig(name="resnet50", pretrained="IMAGENET1K_V2", freeze="layer3").validate() == []
+    (problem,) = ModelConfig(name="resnt18").validate()
+    assert problem.startswith("name: unknown model 'resnt18' (did you mean 'resnet18'?); known: simple_cnn, resnet18")
+    (problem,) = ModelConfig(name="resnet18", freeze="layer5").validate()
+    assert problem == "freeze: resnet18 has no stage 'layer5'; valid: none, all, stem, layer1, layer2, layer3, layer4"
+    (problem,) = ModelConfig(name="resnet18", pretrained="IMAGENET1K_V2").validate()
+    assert problem.startswith("pretrained: resnet18 has no weights 'IMAGENET1K_V2'; known: imagenet, IMAGENET1K_V1, DEFAULT")
+    (problem,) = ModelConfig(pretrained="imagenet").validate()
+    assert problem.startswith("pretrained: simple_cnn has no torchvision weights")
+    (problem,) = ModelConfig(dropout=1.0).validate()
+    assert problem.startswith("dropout:")
+    with pytest.raises(ConfigError) as error:
+        from_dict(ModelConfig, {"name": "vgg16_bn", "freeze": "layer2", "dropout": -0.1})
+    assert [p.split(":")[0] for p in error.value.problems] == ["dropout", "freeze"]
+    with pytest.raises(ConfigError, match="freeze: convnext_tiny has no stage"):
+        build_model(ModelConfig(name="convnext_tiny", freeze="layer1"), 2)
