@@ -20,6 +20,7 @@ COMMANDS = {
     "synth": ("histo_dist.synth", "write a synthetic PCam-format dataset (the embedded default, no download)"),
     "convert": ("histo_dist.convert", "convert PCam HDF5 / ImageFolder / Kaggle data into WebDataset shards"),
     "verify": ("histo_dist.verify", "check shards against their manifest: sizes, sha256, counts, decoding"),
+    "train": ("histo_dist.train", "train a classifier on shards (one process, or under `accelerate launch`)"),
 }
 
 

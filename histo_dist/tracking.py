@@ -1,0 +1,91 @@
+"""What a run leaves behind for people: metrics.jsonl, W&B (through Accelerate's trackers), logs.
+
+Only the main process writes and logs; other ranks' calls are no-ops. W&B runs in the mode the
+config or `WANDB_MODE` gives: `offline` writes a real run under the run directory with no network
+(SLURM compute nodes); `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (config, losses, learning rate, images/s, validation metrics, plots)."""
+    project: str = "histo-dist"
+    """W&B project name."""
+    run_name: str = ""
+    """W&B run name; empty uses the run directory's name."""
+    mode: Literal["env", "online", "offline", "disabled"] = "env"
+    """W&B mode: 'env' follows WANDB_MODE (online when unset); 'offline' needs no network."""
+    log_every_steps: int = 10
+    """Log training loss, learning rate and images/s every N optimizer steps."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank zero."""
+
+    def validate(self) -> list[str]:
+        return [] if self.log_every_steps >= 1 else [f"log_every_steps: must be >= 1, got {self.log_every_steps}"]
+
+
+def setup_logging(rank: int, world_size: int) -> None:
+    """Rank-prefixed log lines on stderr: `[rank 1/2] INFO histo_dist.train: ...`."""
+    fmt = f"[rank {rank}/{world_size}] %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    for h in root.handlers:
+        h.setFormatter(logging.Formatter(fmt))
+    if not root.handlers:
+        logging.basicConfig(format=fmt)
+    root.setLevel(logging.INFO)
+
+
+class RunLog:
+    """metrics.jsonl plus W&B on the main process; `accelerator.init_trackers` is called here."""
+
+    def __init__(self, accelerator, run_dir: Path, cfg: TrackingConfig, config: dict[str, Any]):
+        self.accelerator, self.run_dir, self.cfg = accelerator, run_dir, cfg
+        self.main = accelerator.is_main_process
+        self.wandb = cfg.wandb and cfg.mode != "disabled" and (cfg.mode != "env" or os.environ.get("WANDB_MODE") != "disabled")
+        if self.main and self.wandb:
+            init = {"dir": str(run_dir), "name": cfg.run_name or run_dir.name, "id": _stable_run_id(run_dir), "resume": "allow"}
+            if cfg.mode in ("online", "offline"):
+                init["mode"] = cfg.mode
+            accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init})
+
+    def log(self, values: dict[str, Any], step: int, kind: str) -> None:
+        """Append one record to metrics.jsonl and send it to the trackers."""
+        if not self.main:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **values}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.accelerator.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        if not (self.main and self.wandb):
+            return
+        import wandb
+
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.main and self.wandb:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            for k, v in values.items():
+                run.summary[k] = v
+
+
+def _stable_run_id(run_dir: Path) -> str:
+    """The same W&B run id for the same run directory, so a resumed (requeued) run continues it."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
