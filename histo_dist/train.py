@@ -356,7 +356,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path)  # to CPU; load_state_dict copies onto the device
         acc = self.accelerator
         acc.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -446,7 +446,7 @@ class Trainer:
             return {}
         best = self.checkpointer.folder / "best.pt"
         if best.exists():
-            state = load_checkpoint(best, map_location=self.device)
+            state = load_checkpoint(best)
             target = self.ema if self.ema is not None else self.accelerator.unwrap_model(self.model)
             target.load_state_dict(state["ema"] if self.ema is not None else state["model"])
         values = self.evaluate(split, predictions=True)
