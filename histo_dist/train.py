@@ -153,6 +153,33 @@ class NonFiniteLossError(HistoDistError):
     """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/*.sbatch requeue the job on this code
+PREEMPT_SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+class Preempted(Exception):
+    """A preemption signal arrived; a checkpoint was written and the run should be requeued."""
+
+
+class PreemptionFlag:
+    """Remembers that SIGUSR1/SIGTERM arrived. The handler only sets a flag (safe to run twice,
+    and SLURM may deliver the signal to every process of a step); the training loop acts on it."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def install(self) -> None:
+        import signal
+
+        for name in PREEMPT_SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal = self.signal or signal.Signals(signum).name
+
+
 def _step_seed(seed: int, rank: int, step: int) -> int:
     """Seed for the torch RNG at a given step (dropout, etc.): a resumed run draws the same numbers
     on every rank without saving RNG states."""
@@ -228,6 +255,7 @@ class Trainer:
         self.best: float | None = None
         self.evals_without_improvement = 0
         self._pending_losses: list[tuple[int, torch.Tensor]] = []
+        self.preemption = PreemptionFlag()
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def prepare_inputs(self, batch: dict[str, Any], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,6 +399,14 @@ class Trainer:
         self.evals_without_improvement = int(state["evals_without_improvement"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, loader_state["epoch"], loader_state["batch"])
 
+    def preempted(self) -> bool:
+        """True on every rank when any rank got a preemption signal. With several ranks this is a
+        tiny all-reduce (a sync point) once per optimizer step, so all ranks stop at the same step."""
+        flag = self.preemption.signal is not None
+        if self.world_size == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "max").item())
+
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, run_log: RunLog) -> dict[str, Any]:
         from tqdm import tqdm
@@ -403,6 +439,11 @@ class Trainer:
                 end_of_epoch = self.train_loader.batch >= self.micro_per_epoch
                 if end_of_epoch:
                     self.train_loader.set_epoch(epoch + 1)  # the saved position is the next epoch's start
+                if self.preempted():
+                    self.save_checkpoint()
+                    log.warning("preempted (%s): checkpoint at step %d written; exiting with code %d for requeue",
+                                self.preemption.signal or "signal on another rank", self.step, EXIT_PREEMPTED)
+                    raise Preempted()
                 stop = self.step >= self.total_steps
                 if (t.eval_every_steps and self.step % t.eval_every_steps == 0) or (not t.eval_every_steps and end_of_epoch) or stop:
                     if self.validate(run_log, epoch):
@@ -550,6 +591,7 @@ def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None =
         (run_dir / "provenance.json").write_text(json.dumps(provenance(acc, trainer.manifest), indent=2) + "\n")
     acc.wait_for_everyone()
     run_log = RunLog(acc, run_dir, cfg.tracking, to_dict(cfg))
+    trainer.preemption.install()
     try:
         results = trainer.fit(run_log)
         if acc.is_main_process:
@@ -581,5 +623,8 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     Manifest.load(cfg.data.shards)  # a missing dataset is named before processes spin up
-    train(cfg, Path(args.run_dir) if args.run_dir else None, args.config)
+    try:
+        train(cfg, Path(args.run_dir) if args.run_dir else None, args.config)
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0

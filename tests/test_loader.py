@@ -18,41 +18,9 @@ import torch
 
 from histo_dist.errors import HistoDistError
 from histo_dist.loader import LoaderConfig, ShardLoader, shard_order, steps_per_epoch, worker_plan
-from histo_dist.manifest import Manifest, SplitInfo, sample_key, shard_name
+from histo_dist.manifest import Manifest, sample_key
 from histo_dist.shards import ShardError, write_shard
-
-SHAPE = (8, 8, 3)  # small images keep the tests fast; the loader does not care about the size
-
-
-def label_of(index: int) -> int:
-    return (index * 7 + 3) % 3 % 2
-
-
-def encoded_image(index: int) -> np.ndarray:
-    image = np.empty(SHAPE, np.uint8)
-    image[..., 0], image[..., 1], image[..., 2] = index % 256, index // 256, label_of(index) * 200
-    return image
-
-
-def make_dataset(root: Path, sizes: dict[str, list[int]]) -> Manifest:
-    """Shards of the given sizes per split; sample indices run across each split's shards."""
-    splits = {}
-    for split, shard_sizes in sizes.items():
-        infos, start = [], 0
-        for i, n in enumerate(shard_sizes):
-            idx = list(range(start, start + n))
-            infos.append(write_shard(
-                root / shard_name(split, i), [sample_key(split, j) for j in idx],
-                np.stack([encoded_image(j) for j in idx]), np.array([label_of(j) for j in idx]),
-                [{"index": j} for j in idx], "npy", 2,
-            ))
-            start += n
-        counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(2))
-        splits[split] = SplitInfo(start, counts, split == "train", tuple(infos))
-    manifest = Manifest("npy", SHAPE, ("a", "b"), splits, {"format": "test"}, 0, 0, "test", root=root)
-    manifest.save(root)
-    return Manifest.load(root)
-
+from tests.shard_data import encoded_image, label_of, make_dataset
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Manifest:

@@ -1,0 +1,54 @@
+"""Small shard datasets for tests, written with the real shard writer and manifest.
+
+Images encode their own sample index (channels 0/1 of the top-left pixel) so tests can check that
+labels stay attached; with `learnable=True`, positives carry a bright centre square (a learnable,
+noisy signal) so short training runs beat chance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from histo_dist.manifest import Manifest, SplitInfo, sample_key, shard_name
+from histo_dist.shards import write_shard
+
+
+def label_of(index: int) -> int:
+    return (index * 7 + 3) % 3 % 2
+
+
+def encoded_image(index: int, shape=(8, 8, 3), learnable: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(index)
+    image = rng.integers(60, 140, size=shape, dtype=np.uint8) if learnable else np.empty(shape, np.uint8)
+    label = label_of(index)
+    if learnable:
+        h, w = shape[0] // 4, shape[1] // 4
+        if label:
+            image[h : 3 * h, w : 3 * w] += np.uint8(rng.integers(40, 100))
+    else:
+        image[..., 2] = label * 200
+    image[0, 0, 0], image[0, 0, 1] = index % 256, index // 256
+    return image
+
+
+def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learnable: bool = False) -> Manifest:
+    """Shards of the given sizes per split; sample indices run across each split's shards."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, shard_sizes in sizes.items():
+        infos, start = [], 0
+        for i, n in enumerate(shard_sizes):
+            idx = list(range(start, start + n))
+            infos.append(write_shard(
+                root / shard_name(split, i), [sample_key(split, j) for j in idx],
+                np.stack([encoded_image(j, shape, learnable) for j in idx]), np.array([label_of(j) for j in idx]),
+                [{"index": j} for j in idx], "npy", 2,
+            ))
+            start += n
+        counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(2))
+        splits[split] = SplitInfo(start, counts, split == "train", tuple(infos))
+    manifest = Manifest("npy", shape, ("negative", "positive"), splits, {"format": "test"}, 0, 0, "test", root=root)
+    manifest.save(root)
+    return Manifest.load(root)
