@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -137,7 +138,7 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if tp is str:
         return value if isinstance(value, str) else fail("string")
     if tp is Path:
-        return value if isinstance(value, str) else fail("path (string)")
+        return Path(value) if isinstance(value, (str, Path)) else fail("path (string)")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             return fail(_type_name(tp))
@@ -178,7 +179,13 @@ def _from_dict(cls: type[T], data: Any, path: str, problems: list[str]) -> T | N
     kwargs: dict[str, Any] = {}
     before = len(problems)
     for name, f in fields.items():
-        if name in data:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = data.get(name)
+        if dataclasses.is_dataclass(hints[name]) and dataclasses.is_dataclass(default) and (value is None or isinstance(value, Mapping)):
+            # a section given in part (or not at all) completes the field's own default, which may
+            # differ from the class defaults (field(default_factory=lambda: Optim(lr=0.1)))
+            kwargs[name] = _from_dict(hints[name], deep_merge(_as_data(default), value or {}), f"{prefix}{name}", problems)
+        elif name in data:
             kwargs[name] = _convert(hints[name], data[name], f"{prefix}{name}", problems)
         elif dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING:
             kwargs[name] = _from_dict(hints[name], {}, f"{prefix}{name}", problems)
@@ -191,6 +198,17 @@ def _from_dict(cls: type[T], data: Any, path: str, problems: list[str]) -> T | N
     if callable(validate):
         problems.extend(f"{prefix}{p}" for p in validate())
     return obj
+
+
+def _as_data(obj: Any) -> Any:
+    """A dataclass instance as the plain data `from_dict` reads back (init fields only)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _as_data(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, Mapping):
+        return {k: _as_data(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_as_data(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, source: str | None = None) -> T:
@@ -222,6 +240,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
 # YAML files and dotted overrides
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that also reads `1e-3` as a float (plain YAML 1.1 wants `1.0e-3`: a string otherwise)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -232,7 +259,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             problems.append(f"{item!r}: an override is dotted.key=value (e.g. optim.lr=0.01)")
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_YamlLoader) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -270,7 +297,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError([f"{path}: cannot read config file ({e.strerror})"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {e}"], str(path)) from None
     if data is None:
@@ -306,12 +333,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, required
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = None if f.default is dataclasses.MISSING else f.default
-        help_text = docs.get(f.name, "")
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
         if f.name in required:
             kwargs["required"] = True
         elif default is not None:
-            kwargs["help"] = f"{help_text} (default: {default})"
+            kwargs["help"] = f"{help_text} (default: {str(default).replace('%', '%%')})"
         origin = typing.get_origin(tp)
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if origin in (Union, types.UnionType) and len(args) == 1:

@@ -5,6 +5,10 @@ under a temp name and renamed when complete, and the manifest is written last, s
 killed at any point leaves no incomplete shard under a final name and no manifest claiming what
 is not there. Running the same command again resumes: shards already complete are kept (checked
 against the plan saved in `.convert-plan.json`), the rest are written.
+
+`--part i/n` splits one conversion over n processes or SLURM array tasks (slurm/convert.sbatch):
+each writes only every n-th shard of the plan and no manifest; the same command without --part,
+run afterwards, keeps their shards and writes the manifest.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class ConvertConfig:
     """Replace an existing conversion in the output folder."""
     progress: bool = True
     """Show progress bars."""
+    part: str = ""
+    """Array-job slice 'i/n' (e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT): write only the shards at
+    positions i, i+n, i+2n, ... of the plan, and no manifest (tasks may share the output folder); the same
+    command without --part, run afterwards, keeps those shards and writes the manifest."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -86,10 +94,24 @@ class ConvertConfig:
             problems.append("valid_fraction + test_fraction: must leave samples for training (sum < 1)")
         if self.workers < 0:
             problems.append(f"workers: must be >= 0, got {self.workers}")
+        if self.part:
+            if self.part_slice is None:
+                problems.append(f"part: must be 'i/n' with 0 <= i < n, got {self.part!r}")
+            elif self.overwrite:
+                problems.append("part: cannot be combined with overwrite (each task would remove the shards of the "
+                                "others); clear the output folder before submitting the tasks")
         bad = [s for s in self.split_list if s not in SPLITS]
         if bad or not self.split_list:
             problems.append(f"splits: {self.splits!r} must be a comma-separated subset of {','.join(SPLITS)}")
         return problems
+
+    @property
+    def part_slice(self) -> tuple[int, int] | None:
+        """(i, n) of --part i/n; None without --part (or when malformed: validate() says so)."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.part)
+        if not m or not 0 <= int(m[1]) < int(m[2]):
+            return None
+        return int(m[1]), int(m[2])
 
     @property
     def split_list(self) -> list[str]:
@@ -170,7 +192,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ours = [p for p in out.iterdir() if OUR_FILES.match(p.name)]
     if overwrite:
-        remove_files(ours + [out / WORK_DIR])
+        remove_files(ours + [out / WORK_DIR, *out.glob(f"{WORK_DIR}-part*")])
     elif (out / MANIFEST_NAME).exists():
         raise HistoDistError(
             f"{out}: already holds a finished conversion ({MANIFEST_NAME}); pass --overwrite to replace it "
@@ -187,43 +209,59 @@ def resumable_shards(out: Path, fingerprint: dict, overwrite: bool) -> set[str]:
     old = json.loads(plan_path.read_text()) if plan_path.exists() else None
     if old != fingerprint:
         what = "a different conversion (other source or options)" if old else "shards of unknown origin"
-        raise HistoDistError(
-            f"{out}: holds {len(tars)} shard(s) from {what}; pass --overwrite to replace them or choose another --output"
-        )
+        fix = ("remove them (--overwrite only removes files named like this tool's)" if overwrite
+               else "pass --overwrite to replace them")
+        raise HistoDistError(f"{out}: holds {len(tars)} shard(s) from {what}; {fix} or choose another --output")
     return tars & set(fingerprint["shards"])
 
 
-def convert(cfg: ConvertConfig) -> Manifest:
-    from tqdm import tqdm
-
+def convert(cfg: ConvertConfig) -> Manifest | None:
+    """Convert; returns the manifest (None with --part: a part writes shards only)."""
     in_root = Path(cfg.input)
     if not in_root.is_dir():
         raise HistoDistError(f"--input {in_root}: not a folder")
     out = Path(cfg.output or Path("shards") / in_root.resolve().name)
     prepare_output(out, cfg.overwrite)
+    part = cfg.part_slice if cfg.part else None
+    work_dir = out / (WORK_DIR if part is None else f"{WORK_DIR}-part{part[0]}of{part[1]}")  # one per task
 
     kind = detect_format(in_root) if cfg.format == "auto" else cfg.format
     t0 = time.perf_counter()
     if kind == "pcam":
-        source = open_pcam(in_root, cfg.split_list, out / WORK_DIR, cfg.progress)
+        source = open_pcam(in_root, cfg.split_list, work_dir, cfg.progress)
     elif kind == "imagefolder":
         source = open_imagefolder(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
     else:
         source = open_kaggle(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+    try:
+        return _convert_source(cfg, source, in_root, out, kind, t0)
+    finally:  # decompressed .h5 copies are temporary, also when writing fails or is interrupted
+        remove_files([work_dir, *source.cleanup])
+
+
+def _convert_source(cfg: ConvertConfig, source: Source, in_root: Path, out: Path, kind: str, t0: float) -> Manifest | None:
+    from tqdm import tqdm
+
     num_classes = len(source.label_names)
 
     jobs = plan_shards(source, cfg)
     fingerprint = plan_fingerprint(source, cfg, jobs)
     done = resumable_shards(out, fingerprint, cfg.overwrite)
+    # Parts running at once write the same bytes here; each write is an atomic rename.
     write_atomic(out / PLAN_NAME, json.dumps(fingerprint, indent=1).encode())
-    remove_files([p for p in out.glob(".*.partial")])  # temp files of a killed run
+    part = cfg.part_slice if cfg.part else None
+    mine = jobs if part is None else [job for k, job in enumerate(jobs) if k % part[1] == part[0]]
+    if part is None:
+        remove_files([p for p in out.glob(".*.partial")])  # temp files of a killed run
+    else:  # only this part's: other parts may be writing theirs right now
+        remove_files([p for job in mine for p in out.glob(f".{job.shard}.*.partial")])
 
     infos: dict[str, ShardInfo] = {}
-    for job in jobs:
+    for job in mine:
         if job.shard in done:
             infos[job.shard] = _existing_shard_info(out / job.shard, num_classes)
-    todo = [job for job in jobs if job.shard not in done]
-    total = sum(s.num_samples for s in source.splits.values())
+    todo = [job for job in mine if job.shard not in done]
+    total = sum(len(job.indices) for job in mine)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     bar = tqdm(total=total, unit="img", desc=f"convert {kind} -> {out}", disable=not cfg.progress)
     bar.update(total - sum(len(j.indices) for j in todo))
@@ -245,6 +283,10 @@ def convert(cfg: ConvertConfig) -> Manifest:
                 pool.shutdown(wait=True, cancel_futures=True)  # no new shards after the first error
                 raise
     bar.close()
+    if part is not None:
+        print(f"part {part[0]}/{part[1]}: {len(mine)} of {len(jobs)} shards complete in {out} ({len(todo)} written now); "
+              "run the same command without --part to write the manifest")
+        return None
 
     splits = {}
     for name, split in source.splits.items():
@@ -266,7 +308,7 @@ def convert(cfg: ConvertConfig) -> Manifest:
         root=out,
     )
     manifest.save(out)  # last: only now does the folder claim to hold a dataset
-    remove_files([out / PLAN_NAME, out / WORK_DIR, *source.cleanup])
+    remove_files([out / PLAN_NAME, out / WORK_DIR, *out.glob(f"{WORK_DIR}-part*"), *source.cleanup])
 
     seconds = time.perf_counter() - t0
     shard_bytes = sum(s.bytes for sp in splits.values() for s in sp.shards)

@@ -195,6 +195,15 @@ def gunzip_to(src: Path, dest: Path, progress: bool = True) -> Path:
 
 def open_pcam(root: Path, splits: Sequence[str], work_dir: Path, progress: bool = True) -> Source:
     """Check and open the PCam files of `splits` under `root` (decompressing .h5.gz into work_dir)."""
+    cleanup: list[Path] = []
+    try:
+        return _open_pcam(root, splits, work_dir, progress, cleanup)
+    except BaseException:  # bad input found after some files were decompressed: remove those copies
+        remove_files([*cleanup, work_dir])
+        raise
+
+
+def _open_pcam(root: Path, splits: Sequence[str], work_dir: Path, progress: bool, cleanup: list[Path]) -> Source:
     import h5py
 
     missing = []
@@ -208,7 +217,7 @@ def open_pcam(root: Path, splits: Sequence[str], work_dir: Path, progress: bool 
             "pass --splits to convert only some splits)"
         )
 
-    files, cleanup, split_sources = [], [], {}
+    files, split_sources = [], {}
     image_shape = None
     for split in splits:
         paths = {}

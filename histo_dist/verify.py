@@ -55,6 +55,8 @@ def verify_shard(
                     _, label = decode_sample(sample, str(path), codec, shape, num_classes)
                 else:
                     label = int(sample.members["cls"])
+                    if not 0 <= label < num_classes:  # -1 would silently count as the last class
+                        raise ValueError(f"label {label} outside 0..{num_classes - 1}")
                 report.class_counts[label] += 1
             except (ShardError, KeyError, ValueError, IndexError) as e:
                 report.problems.append(str(e) if isinstance(e, ShardError) else f"{path}: sample {sample.key!r}: {e!r}")
