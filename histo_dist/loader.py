@@ -39,7 +39,7 @@ import torch
 
 from histo_dist.errors import HistoDistError
 from histo_dist.manifest import Manifest
-from histo_dist.shards import ShardError, decode_image, iter_raw_samples, iter_raw_samples_mmap
+from histo_dist.shards import ShardError, decode_image, iter_raw_samples, iter_raw_samples_mmap, npy_header
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +230,29 @@ class _EpochStream(torch.utils.data.IterableDataset):
         from histo_dist.manifest import CODEC_EXTENSIONS
 
         ext = CODEC_EXTENSIONS[self.codec]
-        images = np.empty((len(batch), *self.shape), dtype=np.uint8)
+        shape = (len(batch), *self.shape)
+        if torch.utils.data.get_worker_info() is not None:
+            # Fill the batch straight into shared memory, as PyTorch's default collate does: handing
+            # it to the training process is then free instead of one more copy of every image.
+            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+            batch_tensor = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        else:
+            batch_tensor = torch.empty(shape, dtype=torch.uint8)
+        images = batch_tensor.numpy()
+        rows = images.reshape(len(batch), -1)
+        header, nbytes = npy_header(self.shape) if self.codec == "npy" else (b"", 0)
         labels = np.empty(len(batch), dtype=np.int64)
         keys, positions = [], np.empty(len(batch), dtype=np.int64)
         for j, (position, key, label, members) in enumerate(batch):
             if label is None or ext not in members:
                 missing = "label (.cls)" if label is None else f"image (.{ext})"
                 raise ShardError(f"sample {key!r}: no {missing} member; run `histo-dist verify` on the shards")
+            data = members[ext]
             try:
-                images[j] = decode_image(members[ext], self.codec, self.shape)
+                if nbytes and len(data) == len(header) + nbytes and data[: len(header)] == header:
+                    rows[j] = np.frombuffer(data, np.uint8, count=nbytes, offset=len(header))  # one copy, no parse
+                else:
+                    images[j] = decode_image(data, self.codec, self.shape)
                 labels[j] = int(bytes(label))
             except ValueError as e:
                 raise ShardError(f"sample {key!r}: cannot decode ({e})") from None
@@ -248,7 +262,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
             positions[j] = position
         # (N,H,W,C) -> (N,C,H,W) as a view: the result is channels_last in memory, no copy.
         out = {
-            "image": torch.from_numpy(images).permute(0, 3, 1, 2),
+            "image": batch_tensor.permute(0, 3, 1, 2),
             "label": torch.from_numpy(labels),
             "key": keys,
             "seed": torch.from_numpy(augmentation_seeds(self.seed, self.epoch, positions)),
@@ -271,11 +285,14 @@ def _iter_url(url: str):
 def shuffle_buffer(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
     """Reservoir-style shuffle: hold `size` samples, emit a random one as each new one arrives."""
     buffer: list = []
+    picks: list[int] = []
     for sample in samples:
         if len(buffer) < size:
             buffer.append(sample)
             continue
-        j = int(rng.integers(size))
+        if not picks:  # draw slots in bulk: one numpy call per 1024 samples, not per sample
+            picks = rng.integers(size, size=1024).tolist()[::-1]
+        j = picks.pop()
         buffer[j], sample = sample, buffer[j]
         yield sample
     rng.shuffle(buffer)

@@ -1,7 +1,7 @@
 """Samples in WebDataset tar shards: encoding, atomic writing, strict reading.
 
-Writing goes through `webdataset.TarWriter` with a fixed mtime and owner, so the same input gives
-byte-identical shards (a resumed conversion equals an uninterrupted one). A shard is written to a
+Writing uses `tarfile` (ustar, the layout `webdataset.TarWriter` writes) with a fixed mtime and
+owner, so the same input gives byte-identical shards (a resumed conversion equals an uninterrupted one). A shard is written to a
 temp name, hashed while written, fsynced, and only then renamed to its final name.
 
 Reading here is strict and local (verify and the loader's fast path): a shard whose tar structure is
@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,25 +53,26 @@ def encode_image(image: np.ndarray, codec: str, jpeg_quality: int = 95, png_leve
     return buf.getvalue()
 
 
-_NPY_HEADERS: dict[tuple[int, ...], bytes] = {}
+_NPY_HEADERS: dict[tuple[int, ...], tuple[bytes, int]] = {}
 
 
-def npy_header(shape: tuple[int, ...]) -> bytes:
-    """The exact .npy header numpy writes for a uint8 C-order array of `shape` (cached)."""
+def npy_header(shape: tuple[int, ...]) -> tuple[bytes, int]:
+    """The exact .npy header numpy writes for a uint8 C-order array of `shape`, and the data size (cached)."""
     if shape not in _NPY_HEADERS:
         buf = io.BytesIO()
         np.lib.format.write_array(buf, np.zeros(shape, np.uint8), allow_pickle=False)
-        _NPY_HEADERS[shape] = buf.getvalue()[: -int(np.prod(shape))]
+        nbytes = int(np.prod(shape))
+        _NPY_HEADERS[shape] = (buf.getvalue()[:-nbytes], nbytes)
     return _NPY_HEADERS[shape]
 
 
 def decode_image(data: bytes | memoryview, codec: str, shape: tuple[int, int, int]) -> np.ndarray:
     """Bytes of one image member -> uint8 (H,W,3); raises ValueError when it is not that."""
     if codec == "npy":
-        header = npy_header(shape)
+        header, nbytes = npy_header(tuple(shape))
         # Fast path: every image of a dataset has the same header, so skip parsing it (~30x faster
         # than np.load at 96x96, where per-sample work dominates the loader).
-        if len(data) == len(header) + int(np.prod(shape)) and data[: len(header)] == header:
+        if len(data) == len(header) + nbytes and data[: len(header)] == header:
             return np.frombuffer(data, np.uint8, offset=len(header)).reshape(shape)
         array = np.load(io.BytesIO(data), allow_pickle=False)
     else:
@@ -112,26 +114,29 @@ def write_shard(
     num_classes: int,
     jpeg_quality: int = 95,
 ) -> ShardInfo:
-    """Write one shard atomically: temp file in the same folder, fsync, rename. Returns its info."""
-    import webdataset as wds
+    """Write one shard atomically: temp file in the same folder, fsync, rename. Returns its info.
 
+    Plain `tarfile` in ustar format, members of a sample in sorted extension order as
+    `webdataset.TarWriter` writes them (importing webdataset would import torch in every
+    conversion worker: seconds each). Fixed mtime and owner: identical input, identical bytes.
+    """
     ext = CODEC_EXTENSIONS[codec]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with open(tmp, "wb") as raw:
             hashing = _HashingFile(raw)
-            # Fixed mtime/owner: identical input -> identical bytes -> identical sha256. Plain ustar
-            # with an integer mtime: no pax header per member (a float mtime adds 1 KB to each).
-            writer = wds.TarWriter(hashing, encoder=False, mtime=0, user="histo-dist", group="histo-dist",
-                                   format=tarfile.USTAR_FORMAT)
-            for key, image, label, meta in zip(keys, images, labels, metas):
-                writer.write({
-                    "__key__": key,
-                    "cls": str(int(label)).encode(),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
-                    ext: encode_image(image, codec, jpeg_quality),
-                })
-            writer.close()
+            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+                for key, image, label, meta in zip(keys, images, labels, metas):
+                    members = {
+                        "cls": str(int(label)).encode(),
+                        "json": json.dumps(meta, sort_keys=True).encode(),
+                        ext: encode_image(image, codec, jpeg_quality),
+                    }
+                    for member_ext in sorted(members):
+                        info = tarfile.TarInfo(f"{key}.{member_ext}")
+                        info.size, info.mtime, info.mode = len(members[member_ext]), 0, 0o444
+                        info.uname = info.gname = "histo-dist"
+                        tar.addfile(info, io.BytesIO(members[member_ext]))
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
@@ -162,6 +167,8 @@ def iter_raw_samples(path: str | Path, fileobj=None) -> Iterator[RawSample]:
     name = str(path)
     seen: set[str] = set()
     current: RawSample | None = None
+    seekable = fileobj is None or getattr(fileobj, "seekable", lambda: False)()
+    start = fileobj.tell() if fileobj is not None and seekable else 0
     try:
         with tarfile.open(name=None if fileobj else name, fileobj=fileobj, mode="r|") as tar:
             for member in tar:
@@ -183,6 +190,20 @@ def iter_raw_samples(path: str | Path, fileobj=None) -> Iterator[RawSample]:
                     seen.add(key)
                     current = RawSample(key, {})
                 current.members[ext] = data
+            end = start + tar.offset
+        # tarfile ends quietly at a corrupt or cut header after the first one: check the rest of
+        # the file is the end-of-archive marker (zero blocks), not more members.
+        if fileobj is None:
+            with open(name, "rb") as f:
+                f.seek(end)
+                rest = f.read()
+        elif seekable:
+            fileobj.seek(end)
+            rest = fileobj.read()
+        else:
+            rest = bytes(512)  # a pipe: cannot look back
+        if len(rest) < 512 or rest.count(0) != len(rest):
+            raise tarfile.ReadError(f"bad or missing tar header at byte {end}")
     except (tarfile.TarError, EOFError, OSError) as e:
         where = f" after key {current.key!r}" if current is not None else ""
         raise ShardError(f"{name}: not a readable tar shard{where} ({type(e).__name__}: {e}); truncated or corrupt?") from None
@@ -213,13 +234,18 @@ def decode_sample(
     return image, label
 
 
+# The ustar header fields the fast reader needs, in one unpack: name, size, typeflag, magic, prefix.
+_USTAR = struct.Struct("100s24x12s12x8xc100x5s3x32x32x16x155s12x")
+
+
 def iter_raw_samples_mmap(path: str | Path) -> Iterator[RawSample]:
     """Fast reader for local shards: parses ustar headers over an mmap, members as zero-copy views.
 
-    `tarfile` costs ~15 us per member in Python; this costs ~1-2 us, which is what lets one loader
-    worker approach the raw read rate on 96x96 patches. It handles the plain ustar members our
-    writer produces; any other member type (pax/GNU long names) falls back to `iter_raw_samples`.
-    The returned members are memoryviews into the mapping: copy (or decode) before the next shard.
+    `tarfile` costs ~15 us per member in Python; one struct unpack per header costs ~1 us, which is
+    what lets a loader worker keep up with the disk on 96x96 patches. It handles the plain ustar
+    members our writer produces; extended (pax/GNU) headers fall back to `iter_raw_samples`. Header
+    checksums are not checked here (verify does, through tarfile). The returned members are
+    memoryviews into the mapping: copy (or decode) them before the mapping is dropped.
     """
     import mmap
 
@@ -227,49 +253,50 @@ def iter_raw_samples_mmap(path: str | Path) -> Iterator[RawSample]:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return
-        view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    pos, current, seen = 0, None, set()
+            raise ShardError(f"{name}: empty file, not a tar shard; truncated?")
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view, unpack = memoryview(mapping), _USTAR.unpack_from
+    pos, current, current_key, seen, extensions = 0, None, b"", set(), {}
     while pos + 512 <= size:
-        header = view[pos : pos + 512]
-        if header[0] == 0:  # end-of-archive marker (two zero blocks)
+        if mapping[pos] == 0:  # end-of-archive marker (two zero blocks)
+            if mapping[pos:].count(0) != size - pos:
+                raise ShardError(f"{name}: corrupt tar: a zero block at byte {pos} is followed by more data")
             break
-        if bytes(header[257:262]) != b"ustar":
+        member, size_field, typeflag, magic, prefix = unpack(mapping, pos)
+        if magic != b"ustar":
             raise ShardError(f"{name}: corrupt tar header at byte {pos} (no ustar magic); truncated or corrupt?")
-        typeflag = header[156]
         try:
-            member_size = int(bytes(header[124:136]).rstrip(b"\0 ") or b"0", 8)
+            member_size = int(size_field.rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             raise ShardError(f"{name}: corrupt tar header at byte {pos} (bad size field)") from None
-        if typeflag not in (ord("0"), 0):
-            if typeflag in (ord("x"), ord("g"), ord("L"), ord("K")):
+        start = pos + 512
+        pos = start + (member_size + 511) // 512 * 512
+        if typeflag not in (b"0", b"\0"):
+            if typeflag in (b"x", b"g", b"L", b"K"):
                 yield from iter_raw_samples(path)  # extended headers: let tarfile do it
                 return
-            pos += 512 + (member_size + 511) // 512 * 512
             continue
-        prefix = bytes(header[345:500]).rstrip(b"\0")
-        member = bytes(header[0:100]).rstrip(b"\0").decode()
+        member = member.rstrip(b"\0")
+        prefix = prefix.rstrip(b"\0")
         if prefix:
-            member = prefix.decode() + "/" + member
-        start = pos + 512
+            member = prefix + b"/" + member
         if start + member_size > size:
-            raise ShardError(f"{name}: member {member!r} is truncated (shard ends at byte {size})")
-        base = member.rsplit("/", 1)[-1]
-        key_part, dot, ext = base.partition(".")
-        if not dot:
-            raise ShardError(f"{name}: member {member!r} has no extension (expected KEY.cls / KEY.npy ...)")
-        key = member[: len(member) - len(base)] + key_part
-        if current is None or key != current.key:
+            raise ShardError(f"{name}: member {member.decode(errors='replace')!r} is truncated (shard ends at byte {size})")
+        dot = member.find(b".", member.rfind(b"/") + 1)
+        if dot < 0:
+            raise ShardError(f"{name}: member {member.decode(errors='replace')!r} has no extension (expected KEY.cls / KEY.npy ...)")
+        key = member[:dot]
+        if key != current_key:
             if current is not None:
                 yield current
             if key in seen:
-                raise ShardError(f"{name}: key {key!r} appears twice (members of a sample must be adjacent)")
+                raise ShardError(f"{name}: key {key.decode(errors='replace')!r} appears twice (members of a sample must be adjacent)")
             seen.add(key)
-            current = RawSample(key, {})
+            current, current_key = RawSample(key.decode(), {}), key
+        ext = member[dot + 1 :]
+        ext = extensions.get(ext) or extensions.setdefault(ext, ext.decode())
         current.members[ext] = view[start : start + member_size]
-        pos = start + (member_size + 511) // 512 * 512
-    else:
-        if pos < size or size < 1024:
-            raise ShardError(f"{name}: truncated tar (ends at byte {size} inside a header)")
+    else:  # no end-of-archive marker: cut inside or right after a member
+        raise ShardError(f"{name}: truncated tar (ends at byte {size} without the end-of-archive marker)")
     if current is not None:
         yield current
