@@ -241,9 +241,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """Safe YAML that also reads `1e-3` as a float (plain YAML 1.1 wants `1.0e-3`: a string otherwise)."""
+    """Safe YAML with YAML 1.2 scalars: `1e-3` is a float (YAML 1.1 wants `1.0e-3`), and only
+    true/false are booleans (YAML 1.1 turns `mixed_precision: no` into False)."""
 
 
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )

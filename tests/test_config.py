@@ -330,3 +330,16 @@ def test_convert_command_help_lists_its_options(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--samples-per-shard INT" in text and "Samples per tar shard" in text
     assert "--codec {npy,png,jpeg}" in text and "--no-shuffle" in text
+
+
+def test_yaml_1_1_booleans_stay_strings(tmp_path):
+    """`mixed_precision: no` must mean the string "no" (YAML 1.1 would read it as False)."""
+    from histo_dist.train import load_experiment
+
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  mixed_precision: no\n  deterministic: true\n")
+    cfg = load_experiment(config, ["tracking.mode=offline", "train.cpu=false"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.deterministic is True
+    assert cfg.tracking.mode == "offline" and cfg.train.cpu is False
+    with pytest.raises(ConfigError, match="train.cpu: expected bool"):
+        load_experiment(None, ["train.cpu=yes"])
