@@ -21,10 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
+# The main job on the embedded default: synthetic PCam -> shards -> verify -> train -> evaluate.
 demo: venv
-	$(BIN)/histo-dist synth --output $(DEMO)/pcam-synth --n-train 2048 --n-valid 512 --n-test 512 --seed 0
+	$(BIN)/histo-dist synth --output $(DEMO)/pcam-synth --n-train 2048 --n-valid 512 --n-test 512 --seed 0 --overwrite
 	$(BIN)/histo-dist convert --input $(DEMO)/pcam-synth --output $(DEMO)/shards --overwrite
 	$(BIN)/histo-dist verify $(DEMO)/shards
+	rm -rf $(DEMO)/run
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/histo-dist train --config configs/cpu_test.yaml --run-dir $(DEMO)/run data.shards=$(DEMO)/shards
+	@echo "demo run: $(DEMO)/run (test metrics in $(DEMO)/run/test_metrics.json, plots in $(DEMO)/run/plots)"
 
 test: venv
 	$(BIN)/python -m pytest
