@@ -272,6 +272,11 @@ class _EpochStream(torch.utils.data.IterableDataset):
         return out
 
 
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """Batches are complete when a worker yields them (DataLoader's default would walk every key)."""
+    return batch
+
+
 def _iter_url(url: str):
     import webdataset as wds
 
@@ -387,7 +392,7 @@ class ShardLoader:
             self.epoch, self.batch = self.epoch + 1, 0
         stream = _EpochStream(self, self.epoch, self.batch, self.num_workers)
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers,
+            stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
             prefetch_factor=self.cfg.prefetch_factor if self.num_workers else None,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
         )
