@@ -21,6 +21,9 @@ COMMANDS = {
     "convert": ("histo_dist.convert", "convert PCam HDF5 / ImageFolder / Kaggle data into WebDataset shards"),
     "verify": ("histo_dist.verify", "check shards against their manifest: sizes, sha256, counts, decoding"),
     "train": ("histo_dist.train", "train a classifier on shards (one process, or under `accelerate launch`)"),
+    "evaluate": ("histo_dist.evaluate", "evaluate a checkpoint on a split: metrics.json, predictions.csv, plots"),
+    "predict": ("histo_dist.predict", "run a checkpoint on new patches (image folder, PCam h5, shards) into a CSV"),
+    "compare": ("histo_dist.compare", "print several evaluations side by side"),
 }
 
 

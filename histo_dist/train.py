@@ -286,14 +286,18 @@ class Trainer:
         images, labels = self.prepare_inputs(batch, training=True)
         self.model.train()
         with acc.accumulate(self.model):
-            loss = self.loss(self.model(images), labels)
+            logits = self.model(images)
+            loss = self.loss(logits, labels)
             acc.backward(loss)
             if acc.sync_gradients and self.cfg.train.clip_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
             self.optimizer.step()  # a no-op between accumulation boundaries
             self.optimizer.zero_grad(set_to_none=True)
-        # Kept on the device: checking it here would be a CPU-GPU sync point every step.
-        self._pending_losses.append((self.step + 1, loss.detach()))
+        # Kept on the device: checking them here would be a CPU-GPU sync point every step.
+        with torch.no_grad():
+            predicted = (logits.reshape(-1) > 0).long() if self.num_classes == 2 else logits.argmax(1)
+            accuracy = (predicted == labels).float().mean()
+        self._pending_losses.append((self.step + 1, torch.stack([loss.detach().float(), accuracy])))
         if not acc.sync_gradients:
             return False
         if self.cfg.schedule.name != "plateau":
@@ -303,13 +307,15 @@ class Trainer:
         self.step += 1
         return True
 
-    def flush_losses(self) -> float:
-        """Mean loss since the last flush over all ranks; raises if any was NaN/inf (a sync point)."""
+    def flush_losses(self) -> tuple[float, float]:
+        """Mean training loss and accuracy since the last flush over all ranks; raises if a loss
+        was NaN/inf. This is the loop's sync point (once per log interval, not per step)."""
         if not self._pending_losses:
-            return float("nan")
+            return float("nan"), float("nan")
         steps = [s for s, _ in self._pending_losses]
-        losses = self.accelerator.reduce(torch.stack([l for _, l in self._pending_losses]).float(), "mean").cpu()
+        values = self.accelerator.reduce(torch.stack([v for _, v in self._pending_losses]), "mean").cpu()
         self._pending_losses.clear()
+        losses, accuracies = values[:, 0], values[:, 1]
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             step = steps[int(bad[0])]
@@ -319,7 +325,7 @@ class Trainer:
                 f"Last good checkpoint: {last or 'none yet'} (lower optim.lr, enable train.clip_grad_norm, "
                 "or check the data)"
             )
-        return float(losses.mean())
+        return float(losses.mean()), float(accuracies.mean())
 
     # -- evaluation --------------------------------------------------------------------------------
     def eval_model(self) -> torch.nn.Module:
@@ -428,12 +434,13 @@ class Trainer:
                 if not self.train_step(batch):
                     continue
                 if self.step % self.cfg.tracking.log_every_steps == 0:
-                    loss = self.flush_losses()
+                    loss, accuracy = self.flush_losses()
                     now = time.perf_counter()
                     images_per_s = (self.step - tick_step) * global_batch / (now - tick)
                     tick, tick_step = now, self.step
                     lr = self.optimizer.param_groups[-1]["lr"]
-                    run_log.log({"loss": loss, "lr": lr, "images_per_s": images_per_s, "epoch": epoch}, self.step, "train")
+                    run_log.log({"loss": loss, "accuracy": accuracy, "lr": lr, "images_per_s": images_per_s, "epoch": epoch},
+                                self.step, "train")
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
                 bar.update(1)
                 end_of_epoch = self.train_loader.batch >= self.micro_per_epoch
