@@ -28,7 +28,8 @@ demo: venv
 	$(BIN)/histo-dist verify $(DEMO)/shards
 	rm -rf $(DEMO)/run
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/histo-dist train --config configs/cpu_test.yaml --run-dir $(DEMO)/run data.shards=$(DEMO)/shards
-	@echo "demo run: $(DEMO)/run (test metrics in $(DEMO)/run/test_metrics.json, plots in $(DEMO)/run/plots)"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/histo-dist evaluate --checkpoint $(DEMO)/run/checkpoints/best.pt --data $(DEMO)/shards --split test --threshold youden --tta --output $(DEMO)/eval
+	@echo "demo: run in $(DEMO)/run, evaluation (metrics.json, predictions.csv, plots) in $(DEMO)/eval"
 
 test: venv
 	$(BIN)/python -m pytest
