@@ -3,8 +3,10 @@
     python benchmarks/bench_loader.py [--n 16384] [--batch 256] [--out /tmp/bench-loader]
 
 On one synthetic PCam-layout set (made once, then converted per codec) it measures, each reader in
-its own process so peak memory (max RSS) is its own:
-  - ours, npy/png/jpeg: ShardLoader with 1 loader worker, and in-process (num_workers=0);
+its own process so peak memory (VmHWM of that process) is its own; throughput is steady state
+(start-up, i.e. forking workers and filling the shuffle buffer, is excluded):
+  - ours, npy/png/jpeg: ShardLoader in-process (num_workers=0: the work of one loader worker), and
+    npy through one DataLoader worker process (adds the hand-over to the training process);
   - torchvision.datasets.PCAM (opens the h5 file again for every sample), through a DataLoader;
   - an h5py map-style dataset kept open, random batches;
   - the raw read rate of the tar files from page cache (the physical limit here);
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import shutil
 import sys
 import time
@@ -29,28 +30,32 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def make_source(folder: Path, n: int) -> None:
-    """A PCam-layout train split of n images (synthetic H&E when available)."""
+def make_source(folder: Path, n: int, repeat: int = 1) -> None:
+    """A PCam-layout train split of n synthetic H&E images (tiled `repeat` times)."""
     import h5py
 
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        from histo_dist.synth import make_patches
+    from histo_dist.synth import make_patches
 
-        x, y, *_ = make_patches(n, np.random.default_rng(0))
-    except ImportError:
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
-        y = rng.integers(0, 2, n).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y, *_ = make_patches(n, np.random.default_rng(0))
+    x, y = np.concatenate([x] * repeat), np.concatenate([y] * repeat)
     with h5py.File(folder / "camelyonpatch_level_2_split_train_x.h5", "w") as f:
         f.create_dataset("x", data=x)
     with h5py.File(folder / "camelyonpatch_level_2_split_train_y.h5", "w") as f:
         f.create_dataset("y", data=np.asarray(y, np.uint8).reshape(-1, 1, 1, 1))
 
 
+def _peak_mib() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not inherit the parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _measure(fn, args, queue):
     images, seconds = fn(*args)
-    queue.put((images, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((images, seconds, _peak_mib()))
 
 
 def measure(fn, *args) -> tuple[float, float]:
@@ -63,7 +68,7 @@ def measure(fn, *args) -> tuple[float, float]:
     return images / seconds, rss
 
 
-def ours(shards: str, batch: int, workers: int, epochs: int = 2):
+def ours(shards: str, batch: int, workers: int):
     import torch
 
     torch.set_num_threads(1)
@@ -71,13 +76,11 @@ def ours(shards: str, batch: int, workers: int, epochs: int = 2):
     from histo_dist.manifest import Manifest
 
     loader = ShardLoader(Manifest.load(shards), "train", LoaderConfig(batch_size=batch, num_workers=workers), seed=0)
-    next(iter(loader))  # start-up (worker fork, first shard) is not throughput
-    loader.set_epoch(1)
+    batches = iter(loader)
+    next(batches)  # start-up (worker fork, filling the shuffle buffer) is not throughput
     n, t = 0, time.perf_counter()
-    for epoch in range(1, 1 + epochs):
-        loader.set_epoch(epoch)
-        for b in loader:
-            n += len(b["label"])
+    for b in batches:
+        n += len(b["label"])
     return n, time.perf_counter() - t
 
 
@@ -158,7 +161,7 @@ def shuffle_quality(shards: str, batch: int, shuffled_at_write: bool) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=16384, help="images in the benchmark set")
+    parser.add_argument("--n", type=int, default=8192, help="images in the benchmark set")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", default="/tmp/bench-loader", help="scratch folder (deleted first)")
     args = parser.parse_args()
@@ -169,7 +172,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     source, big = out / "source", out / "source-4x"
     make_source(source, args.n)
-    make_source(big, 4 * args.n)
+    make_source(big, args.n, repeat=4)
     shards = {}
     for codec in ("npy", "png", "jpeg"):
         shards[codec] = out / f"shards-{codec}"
@@ -182,9 +185,9 @@ def main() -> None:
     results["torchvision PCAM (h5 opened per sample)"] = measure(torchvision_pcam, str(source), args.batch, limit)
     results["h5py dataset kept open, random access"] = measure(h5_open, str(source), args.batch, args.n)
     for codec in ("npy", "png", "jpeg"):
-        results[f"ours, {codec}, 1 loader worker"] = measure(ours, str(shards[codec]), args.batch, 1)
-    results["ours, npy, in-process (0 workers)"] = measure(ours, str(shards["npy"]), args.batch, 0)
-    results[f"ours, npy, 1 worker, {4 * args.n} images (4x)"] = measure(ours, str(out / "shards-4x"), args.batch, 1)
+        results[f"ours, {codec}, in-process (one worker's work)"] = measure(ours, str(shards[codec]), args.batch, 0)
+    results["ours, npy, through 1 DataLoader worker"] = measure(ours, str(shards["npy"]), args.batch, 1)
+    results[f"ours, npy, in-process, {4 * args.n} images (4x)"] = measure(ours, str(out / "shards-4x"), args.batch, 0)
     manifest = json.loads((shards["npy"] / "manifest.json").read_text())
     bytes_per_image = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]) / args.n
     results["raw tar read from page cache (limit)"] = measure(raw_read, str(shards["npy"]), bytes_per_image)

@@ -219,7 +219,13 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 count = i + 1
                 if i < seg.start:
                     continue
-                yield seg.position + i - seg.start, sample.key, sample.members.get("cls"), sample.members
+                members = sample.members
+                if self.training and self.buffer > 1:
+                    # Copy out of the shard's mapping: the shuffle buffer keeps a few samples of every
+                    # recent shard for a long time, and views would keep each whole shard mapped
+                    # (resident memory growing with the data). A copy bounds it at the buffer's size.
+                    members = {ext: bytes(data) for ext, data in members.items() if ext != "json"}
+                yield seg.position + i - seg.start, sample.key, members.get("cls"), members
             if count < seg.stop:
                 raise ShardError(
                     f"{url}: ends after {count} samples, the manifest says {self.shard_sizes[seg.shard]}; "
@@ -270,6 +276,16 @@ class _EpochStream(torch.utils.data.IterableDataset):
         if self.transform is not None:
             out["image"] = self.transform(out["image"], out["seed"])
         return out
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints on them.
+    (SLURM signals every process of a step; torch's default would kill the workers first, and the
+    training process would crash instead of checkpointing.) Workers still exit with their parent."""
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -393,6 +409,7 @@ class ShardLoader:
         stream = _EpochStream(self, self.epoch, self.batch, self.num_workers)
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+            worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
             prefetch_factor=self.cfg.prefetch_factor if self.num_workers else None,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
         )

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class TrackingConfig:
@@ -66,22 +68,37 @@ class RunLog:
         record = {"kind": kind, "step": step, "time": time.time(), **values}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.accelerator.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+        self._to_wandb(lambda: self.accelerator.log(
+            {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step))
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
-        if not (self.main and self.wandb):
-            return
-        import wandb
+        def send():
+            import wandb
 
-        run = self.accelerator.get_tracker("wandb", unwrap=True)
-        run.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+
+        self._to_wandb(send)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.main and self.wandb:
+        def send():
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             for k, v in values.items():
                 run.summary[k] = v
+
+        self._to_wandb(send)
+
+    def _to_wandb(self, send) -> None:
+        """W&B is for people watching; a failure there (its service dies on SIGTERM, wandb #9963)
+        must not stop training or a preemption checkpoint. metrics.jsonl keeps everything."""
+        if not (self.main and self.wandb):
+            return
+        try:
+            send()
+        except Exception as e:  # noqa: BLE001 - any tracker failure
+            self.wandb = False
+            log.warning("W&B logging failed (%s: %s); continuing without it (metrics.jsonl has every record)",
+                        type(e).__name__, e)
 
 
 def _stable_run_id(run_dir: Path) -> str:

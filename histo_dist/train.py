@@ -607,7 +607,20 @@ def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None =
                 log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
         return results
     finally:
-        acc.end_training()  # closes W&B and destroys the process group (else the processes abort)
+        _end_training(acc)
+
+
+def _end_training(acc) -> None:
+    """Close W&B and destroy the process group (without it the processes abort at exit), even when
+    the W&B service is already gone."""
+    try:
+        acc.end_training()
+    except Exception as e:  # noqa: BLE001 - a dead tracker must not leave the process group behind
+        log.warning("closing the trackers failed (%s: %s)", type(e).__name__, e)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
