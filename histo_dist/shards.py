@@ -33,7 +33,8 @@ class ShardError(HistoDistError):
 
 # ---------------------------------------------------------------------------------------------
 # Codecs: .npy (default: lossless, decodes in ~1 us with the header-skipping path below),
-# .png (lossless, ~4x smaller in bytes for real tissue but ~50x slower to decode), .jpg (lossy).
+# .png (lossless, only ~1.2x smaller on real PCam tissue and ~300x slower to decode), .jpg (lossy,
+# ~3x smaller). Measured by benchmarks/bench_convert.py; figures in docs/benchmarks.md.
 
 
 def encode_image(image: np.ndarray, codec: str, jpeg_quality: int = 95, png_level: int = 1) -> bytes:
@@ -140,8 +141,11 @@ def write_shard(
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk or a file size limit: name the shard, keep the others
+            raise ShardError(f"{path}: cannot write shard ({e.strerror or e}); the shards already complete are kept, "
+                             "run the same command again to continue") from None
         raise
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     return ShardInfo(path.name, len(keys), tuple(int(c) for c in counts), hashing.sha.hexdigest(), hashing.size)
