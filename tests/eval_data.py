@@ -17,7 +17,7 @@ import torch
 from histo_dist.config import to_dict
 from histo_dist.manifest import Manifest, SplitInfo, sample_key, shard_name
 from histo_dist.shards import write_shard
-from tests.shard_data import encoded_image, label_of
+from tests.shard_data import label_of, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (32, 32, 3)
@@ -32,22 +32,7 @@ def noisy_label(index: int) -> int:
 
 def make_noisy_dataset(root: Path, sizes: dict[str, list[int]] = SIZES, shape=SHAPE) -> Manifest:
     """Learnable shards (a bright centre square on positives) with noisy labels; keys are split_index."""
-    root.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, shard_sizes in sizes.items():
-        infos, start = [], 0
-        for i, n in enumerate(shard_sizes):
-            idx = list(range(start, start + n))
-            infos.append(write_shard(
-                root / shard_name(split, i), [sample_key(split, j) for j in idx],
-                np.stack([encoded_image(j, shape, learnable=True) for j in idx]), np.array([noisy_label(j) for j in idx]),
-                [{"index": j} for j in idx], "npy", 2,
-            ))
-            start += n
-        counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(2))
-        splits[split] = SplitInfo(start, counts, False, tuple(infos))
-    Manifest("npy", shape, ("negative", "positive"), splits, {"format": "test"}, 0, 0, "test", root=root).save(root)
-    return Manifest.load(root)
+    return make_dataset(root, sizes, shape, learnable=True, label_fn=noisy_label)
 
 
 def trained_run(base: Path) -> tuple[Path, Path]:

@@ -33,8 +33,10 @@ def encoded_image(index: int, shape=(8, 8, 3), learnable: bool = False) -> np.nd
     return image
 
 
-def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learnable: bool = False) -> Manifest:
-    """Shards of the given sizes per split; sample indices run across each split's shards."""
+def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learnable: bool = False,
+                 label_fn=label_of) -> Manifest:
+    """Shards of the given sizes per split; sample indices run across each split's shards. Labels
+    come from `label_fn(index)` (the images' own signal follows `label_of`)."""
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, shard_sizes in sizes.items():
@@ -43,12 +45,12 @@ def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learn
             idx = list(range(start, start + n))
             infos.append(write_shard(
                 root / shard_name(split, i), [sample_key(split, j) for j in idx],
-                np.stack([encoded_image(j, shape, learnable) for j in idx]), np.array([label_of(j) for j in idx]),
+                np.stack([encoded_image(j, shape, learnable) for j in idx]), np.array([label_fn(j) for j in idx]),
                 [{"index": j} for j in idx], "npy", 2,
             ))
             start += n
         counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(2))
-        splits[split] = SplitInfo(start, counts, split == "train", tuple(infos))
+        splits[split] = SplitInfo(start, counts, False, tuple(infos))
     manifest = Manifest("npy", shape, ("negative", "positive"), splits, {"format": "test"}, 0, 0, "test", root=root)
     manifest.save(root)
     return Manifest.load(root)
