@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: torch.save reports a failed write (full disk, file size limit) as a
+    RuntimeError raised while handling the OSError of the file object."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def _write_then_rename(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -67,9 +76,14 @@ def _write_then_rename(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        error = _os_error(e)
+        if error is None:
+            raise
+        raise CheckpointError(
+            f"{path}: cannot write checkpoint ({error.strerror or error}); the previous checkpoints are untouched"
+        ) from None
 
 
 class Checkpointer:
@@ -154,5 +168,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False: never, for a file it refused
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise CheckpointError(
+            f"{path}: refused: it holds more than tensors and plain containers ({detail or type(e).__name__}); "
+            "checkpoints are loaded weights-only, so no code in a file ever runs. Not a histo-dist checkpoint, "
+            "or not from a trusted source"
+        ) from None
     except Exception as e:  # unpickling errors, truncation, refused globals
         raise CheckpointError(f"{path}: not a loadable histo-dist checkpoint ({type(e).__name__}: {e})") from None

@@ -21,6 +21,13 @@ How an epoch is laid out (all of it a pure function of plain values, see `worker
    uninterrupted run would have produced. Resuming needs the same world size, workers, batch size,
    seed and buffer; `load_state_dict` refuses anything else.
 
+Corrupt data stops the loader with a `ShardError` naming shard and key. With `skip_corrupt`, a
+sample that cannot be decoded or lacks its label, and the samples lost where a shard's tar breaks
+off, are skipped instead: each is logged, counted in the batch's `skipped`, and the batch comes out
+shorter (never dropped, so every rank still takes the same number of steps). A shard that does not
+match the manifest (an intact tar with fewer or more samples, samples of another split) is an
+error either way.
+
 Per-sample augmentation seeds come from (seed, epoch, position in the epoch's stream), so a resumed
 run augments every sample the same way. Loaders are built per rank and do *not* go through
 `accelerator.prepare` (that would make rank 0 read everything and broadcast it).
@@ -61,6 +68,11 @@ class LoaderConfig:
     shard_url: str = ""
     """Read shards from elsewhere: a template with {name}, e.g. 'pipe:aws s3 cp s3://bucket/pcam/{name} -' or
     'https://host/pcam/{name}'. Empty reads the files next to the manifest (fast local path)."""
+    skip_corrupt: bool = False
+    """Skip samples that cannot be decoded or lack their label, and the rest of a shard that breaks off
+    (truncated tar), instead of stopping with an error naming shard and key. Each one is logged with
+    its shard and key and counted; the count (skipped_samples) goes to metrics.jsonl, W&B and
+    test_metrics.json. Batches with skipped samples are shorter. Off: any corrupt sample stops the run."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -176,10 +188,21 @@ class _EpochStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.training, self.batch_size, self.buffer = loader.training, loader.batch_size, loader.shuffle_buffer
         self.transform = loader.transform
+        self.split, self.skip_corrupt = loader.split, loader.cfg.skip_corrupt
         self.epoch, self.start_batch, self.num_workers = epoch, start_batch, num_workers
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | _WorkerError]:
         info = torch.utils.data.get_worker_info()
+        try:
+            yield from self._batches(info)
+        except ShardError as e:
+            if info is None:
+                raise
+            # PyTorch re-raises a worker's exception with the worker's traceback as its message; hand
+            # the error over as data instead: the training process raises it with the message alone.
+            yield _WorkerError(str(e))
+
+    def _batches(self, info) -> Iterator[dict[str, Any]]:
         workers = max(self.num_workers, 1)
         physical = info.id if info is not None else 0
         if info is not None:
@@ -204,18 +227,25 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 raise ShardError(f"rank {self.rank} worker {worker}: batch {index} has {len(batch)} samples, planned {self.batch_size}")
             if index >= skip:  # skipped batches (resume) are read but never decoded
                 yield self._collate(batch)
+        next(samples, None)  # read on past the plan: `_samples` then checks its last shard holds no more
 
     def _samples(self, plan: WorkerPlan) -> Iterator[tuple]:
-        """(position, key, label, image bytes) for each sample of the plan, in stream order."""
+        """(position, key, label, members, shard) for each sample of the plan, in stream order. With
+        skip_corrupt, a sample the shard does not deliver comes as (position, None, None, None, shard)."""
+        prefix = f"{self.split}_"
         for seg in plan.segments:
             url = self.urls[seg.shard]
             reader = iter_raw_samples_mmap(url) if "://" not in url and not url.startswith("pipe:") else _iter_url(url)
-            count = 0
-            for i, sample in enumerate(reader):
+            count, broken = 0, []
+            for i, sample in enumerate(_until_broken(reader, broken) if self.skip_corrupt else reader):
                 if i >= seg.stop:
                     if seg.stop < self.shard_sizes[seg.shard]:
                         break
-                    raise ShardError(f"{url}: holds more samples than the manifest's {self.shard_sizes[seg.shard]}")
+                    raise ShardError(f"{url}: holds more samples than the manifest's {self.shard_sizes[seg.shard]}; "
+                                     "it does not belong to this manifest (run `histo-dist verify`)")
+                if not sample.key.startswith(prefix):
+                    raise ShardError(f"{url}: sample {sample.key!r} is not of split {self.split!r}: a shard of another "
+                                     "split or conversion (run `histo-dist verify`)")
                 count = i + 1
                 if i < seg.start:
                     continue
@@ -225,12 +255,16 @@ class _EpochStream(torch.utils.data.IterableDataset):
                     # recent shard for a long time, and views would keep each whole shard mapped
                     # (resident memory growing with the data). A copy bounds it at the buffer's size.
                     members = {ext: bytes(data) for ext, data in members.items() if ext != "json"}
-                yield seg.position + i - seg.start, sample.key, members.get("cls"), members
+                yield seg.position + i - seg.start, sample.key, members.get("cls"), members, url
             if count < seg.stop:
-                raise ShardError(
-                    f"{url}: ends after {count} samples, the manifest says {self.shard_sizes[seg.shard]}; "
-                    "the shard is truncated or does not belong to this manifest (run `histo-dist verify`)"
-                )
+                message = (f"{url}: ends after {count} samples, the manifest says {self.shard_sizes[seg.shard]}; "
+                           "the shard is truncated or does not belong to this manifest (run `histo-dist verify`)")
+                if not broken:  # an intact tar with fewer samples: a mismatch, not corruption
+                    raise ShardError(message)
+                missing = range(max(count, seg.start), seg.stop)
+                log.warning("%s; skipping the %d sample(s) of it planned here (loader.skip_corrupt)", message, len(missing))
+                for i in missing:
+                    yield seg.position + i - seg.start, None, None, None, url
 
     def _collate(self, batch: list[tuple]) -> dict[str, Any]:
         from histo_dist.manifest import CODEC_EXTENSIONS
@@ -249,29 +283,43 @@ class _EpochStream(torch.utils.data.IterableDataset):
         header, nbytes = npy_header(self.shape) if self.codec == "npy" else (b"", 0)
         labels = np.empty(len(batch), dtype=np.int64)
         keys, positions = [], np.empty(len(batch), dtype=np.int64)
-        for j, (position, key, label, members) in enumerate(batch):
-            if label is None or ext not in members:
-                missing = "label (.cls)" if label is None else f"image (.{ext})"
-                raise ShardError(f"sample {key!r}: no {missing} member; run `histo-dist verify` on the shards")
-            data = members[ext]
+        j = 0  # samples kept: all of them, unless skip_corrupt drops bad ones
+        for position, key, label, members, url in batch:
             try:
-                if nbytes and len(data) == len(header) + nbytes and data[: len(header)] == header:
-                    rows[j] = np.frombuffer(data, np.uint8, count=nbytes, offset=len(header))  # one copy, no parse
-                else:
-                    images[j] = decode_image(data, self.codec, self.shape)
-                labels[j] = int(bytes(label))
-            except ValueError as e:
-                raise ShardError(f"sample {key!r}: cannot decode ({e})") from None
-            if not 0 <= labels[j] < self.num_classes:
-                raise ShardError(f"sample {key!r}: label {labels[j]} outside 0..{self.num_classes - 1}")
+                if members is None:  # skip_corrupt: the shard broke off before this sample (logged per shard)
+                    raise ShardError(f"{url}: sample at stream position {position} missing")
+                if label is None or ext not in members:
+                    missing = "label (.cls)" if label is None else f"image (.{ext})"
+                    raise ShardError(f"{url}: sample {key!r}: no {missing} member; run `histo-dist verify` on the shards")
+                data = members[ext]
+                try:
+                    if nbytes and len(data) == len(header) + nbytes and data[: len(header)] == header:
+                        rows[j] = np.frombuffer(data, np.uint8, count=nbytes, offset=len(header))  # one copy, no parse
+                    else:
+                        images[j] = decode_image(data, self.codec, self.shape)
+                    labels[j] = int(bytes(label))
+                except Exception as e:  # any decoder failure (PIL raises OSError and others) is a bad sample
+                    raise ShardError(f"{url}: sample {key!r}: cannot decode ({e})") from None
+                if not 0 <= labels[j] < self.num_classes:
+                    raise ShardError(f"{url}: sample {key!r}: label {labels[j]} outside 0..{self.num_classes - 1}")
+            except ShardError as e:
+                if not self.skip_corrupt:
+                    raise
+                if members is not None:
+                    log.warning("%s; skipped (loader.skip_corrupt)", e)
+                continue
             keys.append(key)
             positions[j] = position
+            j += 1
+        if j < len(batch):
+            batch_tensor, labels, positions = batch_tensor[:j], labels[:j], positions[:j]
         # (N,H,W,C) -> (N,C,H,W) as a view: the result is channels_last in memory, no copy.
         out = {
             "image": batch_tensor.permute(0, 3, 1, 2),
             "label": torch.from_numpy(labels),
             "key": keys,
             "seed": torch.from_numpy(augmentation_seeds(self.seed, self.epoch, positions)),
+            "skipped": len(batch) - j,
         }
         if self.transform is not None:
             out["image"] = self.transform(out["image"], out["seed"])
@@ -291,6 +339,23 @@ def _ignore_preemption_signals(worker_id: int) -> None:
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     """Batches are complete when a worker yields them (DataLoader's default would walk every key)."""
     return batch
+
+
+@dataclass
+class _WorkerError:
+    """A ShardError of a loader worker, on its way to the training process."""
+
+    message: str
+
+
+def _until_broken(reader: Iterator, errors: list[str]) -> Iterator:
+    """The samples of a shard up to where its tar breaks off (skip_corrupt): the error is logged and
+    appended to `errors`, not raised."""
+    try:
+        yield from reader
+    except ShardError as e:
+        log.warning("%s", e)
+        errors.append(str(e))
 
 
 def _iter_url(url: str):
@@ -328,8 +393,9 @@ class ShardLoader:
     """The batches of one rank for one split, epoch after epoch, resumable at any step.
 
     Iterating yields dicts with `image` (uint8, N x 3 x H x W, channels_last memory; or the
-    transform's output), `label` (int64), `key` (sample keys) and `seed` (per-sample augmentation
-    seeds). `transform(images, seeds)`, when given, runs in the loader workers.
+    transform's output), `label` (int64), `key` (sample keys), `seed` (per-sample augmentation
+    seeds) and `skipped` (corrupt samples left out of the batch: always 0 unless `cfg.skip_corrupt`).
+    `transform(images, seeds)`, when given, runs in the loader workers.
     """
 
     def __init__(
@@ -414,5 +480,7 @@ class ShardLoader:
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
         )
         for batch in loader:
+            if isinstance(batch, _WorkerError):
+                raise ShardError(batch.message)
             self.batch += 1
             yield batch

@@ -64,8 +64,8 @@ class LossConfig:
         problems = []
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if self.pos_weight <= 0:
-            problems.append(f"pos_weight: must be > 0, got {self.pos_weight}")
+        if not 0 < self.pos_weight < math.inf:
+            problems.append(f"pos_weight: must be > 0 and finite, got {self.pos_weight}")
         return problems
 
 
@@ -110,8 +110,10 @@ class TrainConfig:
         for name in ("max_steps", "eval_every_steps", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.clip_grad_norm < 0:
-            problems.append(f"clip_grad_norm: must be >= 0, got {self.clip_grad_norm}")
+        if not 0 <= self.clip_grad_norm < math.inf:
+            problems.append(f"clip_grad_norm: must be >= 0 and finite, got {self.clip_grad_norm}")
+        if not 0 <= self.seed < 2**63:  # numpy seed sequences and the loader's uint64 arithmetic need it
+            problems.append(f"seed: must be in [0, 2**63), got {self.seed}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.best_metric not in METRIC_NAMES:
@@ -178,6 +180,16 @@ class PreemptionFlag:
         import signal
 
         self.signal = self.signal or signal.Signals(signum).name
+
+    def ignore(self) -> None:
+        """Ignore further preemption signals, once the checkpoint is written and the process is on its
+        way out with 75. Python restores the default handlers while it shuts down; a late signal then
+        (torchrun stopping the ranks that have not exited yet, SLURM signalling again) would kill the
+        process, which would report -15 instead of the 75 a requeue needs."""
+        import signal
+
+        for name in PREEMPT_SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -254,6 +266,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.best: float | None = None
         self.evals_without_improvement = 0
+        self.skipped_samples = 0  # corrupt training samples skipped over the run, all ranks (loader.skip_corrupt)
         self._pending_losses: list[tuple[int, torch.Tensor]] = []
         self.preemption = PreemptionFlag()
 
@@ -287,7 +300,9 @@ class Trainer:
         self.model.train()
         with acc.accumulate(self.model):
             logits = self.model(images)
-            loss = self.loss(logits, labels)
+            # A batch whose samples were all skipped as corrupt (loader.skip_corrupt) still takes its
+            # step with a zero loss: every rank must join the gradient all-reduce.
+            loss = self.loss(logits, labels) if len(labels) else logits.sum() * 0.0
             acc.backward(loss)
             if acc.sync_gradients and self.cfg.train.clip_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
@@ -296,8 +311,9 @@ class Trainer:
         # Kept on the device: checking them here would be a CPU-GPU sync point every step.
         with torch.no_grad():
             predicted = (logits.reshape(-1) > 0).long() if self.num_classes == 2 else logits.argmax(1)
-            accuracy = (predicted == labels).float().mean()
-        self._pending_losses.append((self.step + 1, torch.stack([loss.detach().float(), accuracy])))
+            accuracy = (predicted == labels).float().mean() if len(labels) else torch.zeros((), device=self.device)
+            skipped = loss.new_tensor(float(batch.get("skipped", 0)), dtype=torch.float32)
+        self._pending_losses.append((self.step + 1, torch.stack([loss.detach().float(), accuracy, skipped])))
         if not acc.sync_gradients:
             return False
         if self.cfg.schedule.name != "plateau":
@@ -309,13 +325,15 @@ class Trainer:
 
     def flush_losses(self) -> tuple[float, float]:
         """Mean training loss and accuracy since the last flush over all ranks; raises if a loss
-        was NaN/inf. This is the loop's sync point (once per log interval, not per step)."""
+        was NaN/inf; adds the samples skipped as corrupt to `skipped_samples`. This is the loop's sync
+        point (once per log interval, not per step)."""
         if not self._pending_losses:
             return float("nan"), float("nan")
         steps = [s for s, _ in self._pending_losses]
         values = self.accelerator.reduce(torch.stack([v for _, v in self._pending_losses]), "mean").cpu()
         self._pending_losses.clear()
         losses, accuracies = values[:, 0], values[:, 1]
+        self.skipped_samples += round(float(values[:, 2].sum()) * self.world_size)  # mean over ranks -> sum
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             step = steps[int(bad[0])]
@@ -339,8 +357,11 @@ class Trainer:
         metrics = EvalMetrics(self.num_classes, self.device)
         model = self.eval_model()
         model.eval()
-        probs, labels_all = [], []
+        probs, labels_all, skipped = [], [], 0
         for batch in loader:
+            skipped += batch["skipped"]
+            if not len(batch["label"]):
+                continue
             images, labels = self.prepare_inputs(batch, training=False)
             with self.accelerator.autocast():
                 logits = model(images)
@@ -351,9 +372,15 @@ class Trainer:
                 labels_all.append(labels.cpu())
         values = metrics.compute()  # collective
         expected = self.manifest.split(split).num_samples
-        if int(values["num_samples"]) != expected:
+        if self.cfg.loader.skip_corrupt:  # samples skipped as corrupt were read, just not counted
+            skipped = int(self.accelerator.reduce(torch.tensor([skipped], device=self.device), "sum").item())
+            values["skipped_samples"] = skipped
+            if skipped:
+                log.warning("evaluation of %r: %d corrupt sample(s) skipped (loader.skip_corrupt)", split, skipped)
+        if int(values["num_samples"]) + skipped != expected:
             raise HistoDistError(
-                f"evaluation of {split!r} counted {int(values['num_samples'])} samples across ranks, the manifest has {expected}"
+                f"evaluation of {split!r} counted {int(values['num_samples'])} samples across ranks"
+                + (f" and skipped {skipped}" if skipped else "") + f", the manifest has {expected}"
             )
         if predictions:
             values["_predictions"] = _gather_to_main(torch.cat(probs), torch.cat(labels_all))
@@ -371,6 +398,7 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "best": self.best,
             "evals_without_improvement": self.evals_without_improvement,
+            "skipped_samples": self.skipped_samples,
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
             "label_names": list(self.manifest.label_names),
@@ -403,6 +431,7 @@ class Trainer:
             acc.scaler.load_state_dict(state["scaler"])
         self.step, self.best = int(state["step"]), state["best"]
         self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.skipped_samples = int(state.get("skipped_samples", 0))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, loader_state["epoch"], loader_state["batch"])
 
     def preempted(self) -> bool:
@@ -439,8 +468,10 @@ class Trainer:
                     images_per_s = (self.step - tick_step) * global_batch / (now - tick)
                     tick, tick_step = now, self.step
                     lr = self.optimizer.param_groups[-1]["lr"]
-                    run_log.log({"loss": loss, "accuracy": accuracy, "lr": lr, "images_per_s": images_per_s, "epoch": epoch},
-                                self.step, "train")
+                    record = {"loss": loss, "accuracy": accuracy, "lr": lr, "images_per_s": images_per_s, "epoch": epoch}
+                    if self.cfg.loader.skip_corrupt:
+                        record["skipped_samples"] = self.skipped_samples
+                    run_log.log(record, self.step, "train")
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
                 bar.update(1)
                 end_of_epoch = self.train_loader.batch >= self.micro_per_epoch
@@ -448,6 +479,7 @@ class Trainer:
                     self.train_loader.set_epoch(epoch + 1)  # the saved position is the next epoch's start
                 if self.preempted():
                     self.save_checkpoint()
+                    self.preemption.ignore()
                     log.warning("preempted (%s): checkpoint at step %d written; exiting with code %d for requeue",
                                 self.preemption.signal or "signal on another rank", self.step, EXIT_PREEMPTED)
                     raise Preempted()
@@ -499,6 +531,8 @@ class Trainer:
             target.load_state_dict(state["ema"] if self.ema is not None else state["model"])
         values = self.evaluate(split, predictions=True)
         predictions = values.pop("_predictions")
+        if self.cfg.loader.skip_corrupt:
+            values["train_skipped_samples"] = self.skipped_samples
         run_log.log(values, self.step, "test")
         run_log.summary({f"test/{k}": v for k, v in values.items()})
         if self.accelerator.is_main_process:
@@ -603,6 +637,9 @@ def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None =
         results = trainer.fit(run_log)
         if acc.is_main_process:
             log.info("run finished: %s", run_dir)
+            if cfg.loader.skip_corrupt:
+                log.warning("corrupt samples skipped (loader.skip_corrupt): %d in training%s; the warnings above name them",
+                            trainer.skipped_samples, f", {results['skipped_samples']} in the test split" if results else "")
             if results:
                 log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
         return results

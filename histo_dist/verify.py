@@ -2,8 +2,9 @@
 
 Re-reads every shard of the chosen splits: the file is there with the manifest's size and sha256,
 the tar reads to the end, every sample has a label in range and an image of the manifest's shape
-that decodes, keys are unique, and sample and class counts match. Every problem is reported with
-its shard and key, and the command exits non-zero when there is any.
+that decodes, keys are unique and of the shard's split, and sample and class counts match; tar
+files the manifest does not list are reported too (shards of another conversion mixed in). Every
+problem is reported with its shard and key, and the command exits non-zero when there is any.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ class ShardReport:
 
 
 def verify_shard(
-    path: Path, info: ShardInfo, codec: str, shape: tuple[int, int, int], num_classes: int, decode: bool = True
+    path: Path, info: ShardInfo, codec: str, shape: tuple[int, int, int], num_classes: int, decode: bool = True,
+    split: str | None = None,
 ) -> ShardReport:
-    """Check one shard; never raises for bad data, returns its problems instead."""
+    """Check one shard (of `split`, when given); never raises for bad data, returns its problems instead."""
     from histo_dist.shards import ShardError, decode_sample, iter_raw_samples
 
     report = ShardReport(path.name, class_counts=[0] * num_classes)
@@ -62,6 +64,10 @@ def verify_shard(
                 report.problems.append(str(e) if isinstance(e, ShardError) else f"{path}: sample {sample.key!r}: {e!r}")
     except ShardError as e:
         report.problems.append(str(e))
+    foreign = [key for key in report.keys if split is not None and not key.startswith(f"{split}_")]
+    if foreign:  # keys are {split}_{index:09d} (manifest.sample_key)
+        report.problems.append(f"{path}: {len(foreign)} sample(s) not of split {split!r} (first: {foreign[0]!r}): "
+                               "a shard of another split or conversion")
     if len(report.keys) != info.num_samples:
         report.problems.append(f"{path}: {len(report.keys)} samples, manifest says {info.num_samples}")
     if tuple(report.class_counts) != tuple(info.class_counts):
@@ -85,13 +91,13 @@ def verify_dataset(
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
             reports = []
             for report in pool.map(verify_shard, [manifest.root / sh.name for _, sh in jobs], [sh for _, sh in jobs],
-                                   *[[a] * len(jobs) for a in args]):
+                                   *[[a] * len(jobs) for a in args], [name for name, _ in jobs]):
                 reports.append(report)
                 bar.update(len(report.keys))
     else:
         reports = []
-        for _, sh in jobs:
-            reports.append(verify_shard(manifest.root / sh.name, sh, *args))
+        for name, sh in jobs:
+            reports.append(verify_shard(manifest.root / sh.name, sh, *args, name))
             bar.update(len(reports[-1].keys))
     bar.close()
     seen: dict[str, str] = {}
