@@ -61,16 +61,16 @@ class OptimConfig:
             problems.append(_unknown("name", self.name, OPTIMIZERS))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr: must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:
+            problems.append(f"weight_decay: must be >= 0 and finite, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
             problems.append(f"momentum: must be in [0, 1), got {self.momentum}")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
             problems.append("nesterov: needs name=sgd and momentum > 0")
         if not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas: each must be in [0, 1), got {list(self.betas)}")
-        if not self.backbone_lr_scale >= 0:
-            problems.append(f"backbone_lr_scale: must be >= 0, got {self.backbone_lr_scale}")
+        if not 0 <= self.backbone_lr_scale < math.inf:
+            problems.append(f"backbone_lr_scale: must be >= 0 and finite, got {self.backbone_lr_scale}")
         return problems
 
 
