@@ -7,6 +7,8 @@ noisy signal) so short training runs beat chance.
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +56,24 @@ def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learn
     manifest = Manifest("npy", shape, ("negative", "positive"), splits, {"format": "test"}, 0, 0, "test", root=root)
     manifest.save(root)
     return Manifest.load(root)
+
+
+def rewrite_shard(path: Path, edit) -> None:
+    """Rewrite a shard member by member: `edit(name, data)` returns new bytes, or None to drop it."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            new = edit(m.name, data)
+            if new is not None:
+                m.size = len(new)
+                tar.addfile(m, io.BytesIO(new))
+    path.write_bytes(buf.getvalue())
+
+
+def member_offset(path: Path, name: str) -> tuple[int, int]:
+    """(byte offset, size) of a member's data in a shard, for flipping bytes in place."""
+    with tarfile.open(path) as tar:
+        m = tar.getmember(name)
+        return m.offset_data, m.size

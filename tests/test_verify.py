@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.shard_data import member_offset, rewrite_shard
 from tests.source_data import cli, convert_args, write_pcam
 from histo_dist.cli import main
 from histo_dist.verify import verify_dataset
@@ -35,29 +36,6 @@ def dataset(converted, tmp_path):
 
 def problems_of(folder: Path) -> list[str]:
     return verify_dataset(folder)[1]
-
-
-def rewrite_shard(path: Path, edit) -> None:
-    """Rewrite a shard member by member: `edit(name, data)` returns new bytes, or None to drop it."""
-    members = []
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            members.append((m, tar.extractfile(m).read()))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for m, data in members:
-            new = edit(m.name, data)
-            if new is None:
-                continue
-            m.size = len(new)
-            tar.addfile(m, io.BytesIO(new))
-    path.write_bytes(buf.getvalue())
-
-
-def member_offset(path: Path, name: str) -> tuple[int, int]:
-    with tarfile.open(path) as tar:
-        m = tar.getmember(name)
-        return m.offset_data, m.size
 
 
 def test_good_conversion_verifies(converted, capsys):

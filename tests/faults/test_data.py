@@ -7,14 +7,12 @@ that error, or, only with `loader.skip_corrupt=true`, skips and counts what it c
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from histo_dist.manifest import Manifest, sample_key
 from histo_dist.shards import ShardError, write_shard
 from histo_dist.verify import verify_dataset
 from tests.faults.harness import ENV, SHAPE, SIZES, limit_file_size, no_traceback, run, sha256, train_cmd
-from tests.shard_data import encoded_image, label_of, make_dataset
+from tests.shard_data import encoded_image, label_of, make_dataset, member_offset, rewrite_shard
 from tests.source_data import cli, convert_args, write_pcam
 
 # ---------------------------------------------------------------------------------------------
@@ -34,26 +32,6 @@ from tests.source_data import cli, convert_args, write_pcam
 
 def copy_of(shards: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(shards, tmp_path / "shards"))
-
-
-def rewrite(shard: Path, edit) -> None:
-    """Rewrite a shard member by member: `edit(name, data)` returns new bytes, or None to drop the member."""
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for m, data in members:
-            new = edit(m.name, data)
-            if new is not None:
-                m.size = len(new)
-                tar.addfile(m, io.BytesIO(new))
-    shard.write_bytes(buf.getvalue())
-
-
-def member_offset(shard: Path, name: str) -> tuple[int, int]:
-    with tarfile.open(shard) as tar:
-        m = tar.getmember(name)
-        return m.offset_data, m.size
 
 
 def truncate_at(shard: Path, key: str) -> None:
@@ -76,10 +54,10 @@ DAMAGE = {
     # name: (damage, what the loader says, whether the loader can name the key)
     "truncated tar": (lambda p: truncate_at(p, KEY), "truncated", False),
     "flipped bytes in an image header": (lambda p: flip(p, f"{KEY}.npy", 0, 6), "cannot decode", True),
-    "undecodable image": (lambda p: rewrite(p, lambda n, d: b"\x93NUMPY garbage" if n == f"{KEY}.npy" else d),
+    "undecodable image": (lambda p: rewrite_shard(p, lambda n, d: b"\x93NUMPY garbage" if n == f"{KEY}.npy" else d),
                           "cannot decode", True),
-    "missing label": (lambda p: rewrite(p, lambda n, d: None if n == f"{KEY}.cls" else d), r"no label \(.cls\)", True),
-    "label out of range": (lambda p: rewrite(p, lambda n, d: b"7" if n == f"{KEY}.cls" else d), "label 7 outside", True),
+    "missing label": (lambda p: rewrite_shard(p, lambda n, d: None if n == f"{KEY}.cls" else d), r"no label \(.cls\)", True),
+    "label out of range": (lambda p: rewrite_shard(p, lambda n, d: b"7" if n == f"{KEY}.cls" else d), "label 7 outside", True),
 }
 
 
@@ -140,12 +118,12 @@ def test_training_stops_with_the_error_naming_shard_and_key(shards, tmp_path):
 
 def damaged_for_skipping(root: Path) -> dict[str, int]:
     """Damage in every split; returns how many samples of each split can no longer be read."""
-    rewrite(root / "train-000001.tar", lambda n, d: b"\x93NUMPY garbage" if n == f"{KEY}.npy" else d)
-    rewrite(root / "train-000001.tar", lambda n, d: None if n == f"{sample_key('train', 70)}.cls" else d)
+    rewrite_shard(root / "train-000001.tar", lambda n, d: b"\x93NUMPY garbage" if n == f"{KEY}.npy" else d)
+    rewrite_shard(root / "train-000001.tar", lambda n, d: None if n == f"{sample_key('train', 70)}.cls" else d)
     truncate_at(root / "train-000002.tar", sample_key("train", 128 + 32))  # 32 samples lost: 2 whole batches
-    rewrite(root / "valid-000000.tar", lambda n, d: None if n == f"{sample_key('valid', 3)}.cls" else d)
+    rewrite_shard(root / "valid-000000.tar", lambda n, d: None if n == f"{sample_key('valid', 3)}.cls" else d)
     truncate_at(root / "valid-000001.tar", sample_key("valid", 32 + 20))  # 12 samples lost
-    rewrite(root / "test-000000.tar", lambda n, d: b"not an npy" if n == f"{sample_key('test', 5)}.npy" else d)
+    rewrite_shard(root / "test-000000.tar", lambda n, d: b"not an npy" if n == f"{sample_key('test', 5)}.npy" else d)
     return {"train": 2 + 32, "valid": 1 + 12, "test": 1}
 
 
