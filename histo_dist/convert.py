@@ -187,17 +187,28 @@ def _existing_shard_info(path: Path, num_classes: int) -> ShardInfo:
 # The command
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber a finished conversion; with --overwrite, remove our files (only ours)."""
+def refuse_finished(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a finished conversion unless --overwrite (checked before reading anything)."""
     out.mkdir(parents=True, exist_ok=True)
-    ours = [p for p in out.iterdir() if OUR_FILES.match(p.name)]
-    if overwrite:
-        remove_files(ours + [out / WORK_DIR, *out.glob(f"{WORK_DIR}-part*")])
-    elif (out / MANIFEST_NAME).exists():
+    if not overwrite and (out / MANIFEST_NAME).exists():
         raise HistoDistError(
             f"{out}: already holds a finished conversion ({MANIFEST_NAME}); pass --overwrite to replace it "
             "or choose another --output"
         )
+
+
+def remove_previous(out: Path, keep: Path) -> None:
+    """--overwrite: remove the previous conversion's files (only ours), once the new source has passed
+    its checks, so bad input never costs the old conversion. `keep` is this run's work folder."""
+    foreign = [p for p in out.glob("*.tar") if not OUR_FILES.match(p.name)]
+    if foreign:  # refused before anything is removed
+        raise HistoDistError(
+            f"{out}: holds {len(foreign)} shard(s) from shards of unknown origin (e.g. {foreign[0].name}); remove "
+            "them (--overwrite only removes files named like this tool's) or choose another --output"
+        )
+    ours = [p for p in out.iterdir() if OUR_FILES.match(p.name)]
+    stale_work = [p for p in [out / WORK_DIR, *out.glob(f"{WORK_DIR}-part*")] if p != keep]
+    remove_files(ours + stale_work)
 
 
 def resumable_shards(out: Path, fingerprint: dict, overwrite: bool) -> set[str]:
@@ -221,7 +232,7 @@ def convert(cfg: ConvertConfig) -> Manifest | None:
     if not in_root.is_dir():
         raise HistoDistError(f"--input {in_root}: not a folder")
     out = Path(cfg.output or Path("shards") / in_root.resolve().name)
-    prepare_output(out, cfg.overwrite)
+    refuse_finished(out, cfg.overwrite)
     part = cfg.part_slice if cfg.part else None
     work_dir = out / (WORK_DIR if part is None else f"{WORK_DIR}-part{part[0]}of{part[1]}")  # one per task
 
@@ -234,6 +245,8 @@ def convert(cfg: ConvertConfig) -> Manifest | None:
     else:
         source = open_kaggle(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
     try:
+        if cfg.overwrite:
+            remove_previous(out, keep=work_dir)
         return _convert_source(cfg, source, in_root, out, kind, t0)
     finally:  # decompressed .h5 copies are temporary, also when writing fails or is interrupted
         remove_files([work_dir, *source.cleanup])

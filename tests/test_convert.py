@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -467,6 +468,24 @@ def test_overwrite_leaves_foreign_tar_files_alone(pcam, tmp_path, capsys):
     assert rc == 2
     assert "unknown origin" in err and "remove them" in err and "pass --overwrite" not in err
     assert (out / "mine.tar").read_bytes() == b"not from histo-dist"
+
+
+def test_overwrite_with_bad_input_keeps_the_previous_conversion(pcam, tmp_path, capsys):
+    """--overwrite removes the old conversion only once the new source has passed its checks."""
+    src, _ = pcam
+    out = tmp_path / "out"
+    assert cli(capsys, *convert_args(src, out))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    (bad / "camelyonpatch_level_2_split_valid_y.h5").unlink()
+    rc, _, err = cli(capsys, *convert_args(bad, out, "--overwrite"))
+    assert rc == 2 and "camelyonpatch_level_2_split_valid_y" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # and with a foreign shard in the folder, nothing of ours is removed either
+    (out / "mine.tar").write_bytes(b"not from histo-dist")
+    assert cli(capsys, *convert_args(src, out, "--overwrite"))[0] == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "mine.tar"} == before
 
 
 def test_invalid_options_are_reported_together(pcam, tmp_path, capsys):
