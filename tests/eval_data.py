@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from histo_dist.config import to_dict
-from histo_dist.manifest import Manifest, SplitInfo, sample_key, shard_name
-from histo_dist.shards import write_shard
+from histo_dist.manifest import Manifest
 from tests.shard_data import label_of, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,25 +76,16 @@ def make_checkpoint(path: Path, num_classes: int = 2, shape=SHAPE, model: str = 
 
 def make_multiclass_dataset(root: Path, sizes: dict[str, list[int]], num_classes: int = 3, shape=SHAPE) -> Manifest:
     """Shards of random patches with labels 0..num_classes-1 (class c brightens channel c)."""
-    root.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, shard_sizes in sizes.items():
-        infos, start = [], 0
-        for i, n in enumerate(shard_sizes):
-            idx = list(range(start, start + n))
-            labels = np.array([j % num_classes for j in idx])
-            images = np.stack([np.random.default_rng(j).integers(0, 200, size=shape, dtype=np.uint8) for j in idx])
-            for k, (j, y) in enumerate(zip(idx, labels)):
-                images[k, ..., y % 3] //= 2
-                images[k, ..., y % 3] += 100
-            infos.append(write_shard(root / shard_name(split, i), [sample_key(split, j) for j in idx], images, labels,
-                                     [{"index": j} for j in idx], "npy", num_classes))
-            start += n
-        counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(num_classes))
-        splits[split] = SplitInfo(start, counts, False, tuple(infos))
-    names = tuple(f"class{c}" for c in range(num_classes))
-    Manifest("npy", shape, names, splits, {"format": "test"}, 0, 0, "test", root=root).save(root)
-    return Manifest.load(root)
+
+    def image(j: int) -> np.ndarray:
+        x = np.random.default_rng(j).integers(0, 200, size=shape, dtype=np.uint8)
+        c = j % num_classes % 3
+        x[..., c] //= 2
+        x[..., c] += 100
+        return x
+
+    return make_dataset(root, sizes, shape, label_fn=lambda j: j % num_classes, image_fn=image,
+                        label_names=tuple(f"class{c}" for c in range(num_classes)))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -36,9 +36,12 @@ def encoded_image(index: int, shape=(8, 8, 3), learnable: bool = False) -> np.nd
 
 
 def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learnable: bool = False,
-                 label_fn=label_of) -> Manifest:
+                 label_fn=label_of, image_fn=None, label_names=("negative", "positive")) -> Manifest:
     """Shards of the given sizes per split; sample indices run across each split's shards. Labels
-    come from `label_fn(index)` (the images' own signal follows `label_of`)."""
+    come from `label_fn(index)` (the images' own signal follows `label_of`), images from
+    `image_fn(index)` when given, else `encoded_image`."""
+    image_fn = image_fn or (lambda j: encoded_image(j, shape, learnable))
+    num_classes = len(label_names)
     root.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, shard_sizes in sizes.items():
@@ -47,13 +50,13 @@ def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learn
             idx = list(range(start, start + n))
             infos.append(write_shard(
                 root / shard_name(split, i), [sample_key(split, j) for j in idx],
-                np.stack([encoded_image(j, shape, learnable) for j in idx]), np.array([label_fn(j) for j in idx]),
-                [{"index": j} for j in idx], "npy", 2,
+                np.stack([image_fn(j) for j in idx]), np.array([label_fn(j) for j in idx]),
+                [{"index": j} for j in idx], "npy", num_classes,
             ))
             start += n
-        counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(2))
+        counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(num_classes))
         splits[split] = SplitInfo(start, counts, False, tuple(infos))
-    manifest = Manifest("npy", shape, ("negative", "positive"), splits, {"format": "test"}, 0, 0, "test", root=root)
+    manifest = Manifest("npy", shape, tuple(label_names), splits, {"format": "test"}, 0, 0, "test", root=root)
     manifest.save(root)
     return Manifest.load(root)
 
