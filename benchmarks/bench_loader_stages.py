@@ -3,9 +3,11 @@
     python benchmarks/bench_loader_stages.py SHARD_FOLDER   (e.g. /tmp/bench-loader/shards-4x,
                                                             which bench_loader.py leaves behind)
 
-Stages, each including the ones before: parse tar headers over the mmap; copy each sample out of
-the mapping; generator + reservoir shuffle buffer (4,096); the full in-process ShardLoader (batch
-assembly, seeds). Best of 3 passes over the split's shards, warm page cache.
+Stages, each including the ones before: map every shard (mmap with MAP_POPULATE); index its
+samples (`index_shard`: tar headers, checked with numpy); prepare it for reading (labels, .npy
+header checks); the full in-process ShardLoader (shuffle windows, batches copied out of the
+mappings, seeds). Best of 3 passes over the split's shards, warm page cache; the raw read of the
+same files is printed for scale.
 """
 
 from __future__ import annotations
@@ -14,52 +16,57 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from histo_dist.loader import LoaderConfig, ShardLoader, shuffle_buffer  # noqa: E402
+from histo_dist.loader import LoaderConfig, ShardLoader, _OpenShard  # noqa: E402
 from histo_dist.manifest import Manifest  # noqa: E402
-from histo_dist.shards import iter_raw_samples_mmap  # noqa: E402
+from histo_dist.shards import index_shard, load_shard  # noqa: E402
 
 
 def main() -> None:
     manifest = Manifest.load(sys.argv[1])
-    files = manifest.shard_paths("train")
+    files = [str(f) for f in manifest.shard_paths("train")]
+    total = manifest.split("train").num_samples
+    shape = tuple(manifest.image_shape)
     for f in files:
-        f.read_bytes()  # warm the page cache
+        Path(f).read_bytes()  # warm the page cache
 
-    def parse():
-        return sum(1 for f in files for _ in iter_raw_samples_mmap(f))
-
-    def copied():
+    def raw():
         for f in files:
-            for i, s in enumerate(iter_raw_samples_mmap(f)):
-                members = {k: bytes(v) for k, v in s.members.items() if k != "json"}
-                yield i, s.key, members.get("cls"), members, f
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(1 << 22):
+                    pass
+        return total
 
-    def parse_copy():
-        return sum(1 for _ in copied())
+    def mapped():
+        for f in files:
+            load_shard(f)  # mapped, populated, and unmapped again when the array goes
+        return total
 
-    def parse_copy_buffer():
-        return sum(1 for _ in shuffle_buffer(copied(), 4096, np.random.default_rng(0)))
+    def indexed():
+        return sum(len(index_shard(load_shard(f), f)) for f in files)
+
+    def prepared():
+        return sum(len(_OpenShard(index_shard(load_shard(f), f), manifest.codec, shape).labels) for f in files)
 
     def full():
         loader = ShardLoader(manifest, "train", LoaderConfig(batch_size=256, num_workers=0), seed=0)
         return sum(len(b["label"]) for b in loader)
 
-    print(f"loader stages on {manifest.split('train').num_samples} training samples, {len(files)} shards")
+    print(f"loader stages on {total} training samples, {len(files)} shards")
     previous = 0.0
-    for name, fn in (("parse tar headers (mmap)", parse), ("+ copy out of the mapping", parse_copy),
-                     ("+ generator and shuffle buffer", parse_copy_buffer), ("full loader (batches, seeds)", full)):
+    for name, fn in (("raw read (for scale)", raw), ("map shards (MAP_POPULATE)", mapped),
+                     ("+ index samples", indexed), ("+ labels, .npy header checks", prepared),
+                     ("full loader (windows, batches)", full)):
         best = 0.0
         for _ in range(3):
             t = time.perf_counter()
             n = fn()
             best = max(best, n / (time.perf_counter() - t))
         us = 1e6 / best
-        print(f"  {name:<34} {best:>9.0f} img/s  {us:5.1f} us/sample  (+{us - previous:4.1f})")
-        previous = us
+        step = f"(+{us - previous:4.1f})" if previous else ""
+        print(f"  {name:<34} {best:>9.0f} img/s  {us:5.1f} us/sample  {step}")
+        previous = 0.0 if fn is raw else us
 
 
 if __name__ == "__main__":

@@ -10,16 +10,20 @@ How an epoch is laid out (all of it a pure function of plain values, see `worker
    waits on a rank that ran out). Its batches are dealt to its loader workers in turn; each worker
    reads one contiguous range, so slices may start or end inside a shard and every worker gets
    work whatever the number of shards (no "shards >= ranks x workers" rule, no empty worker).
-   Samples go through a per-worker shuffle buffer seeded from (seed, epoch, rank, worker); the
-   stream itself was shuffled at conversion time and its shard order changes every epoch.
+   A worker's range is cut into shuffle windows of whole segments (at least `shuffle_buffer`
+   samples each); a window's shards are memory-mapped and indexed, its samples permuted from
+   (seed, epoch, rank, worker, window), and batches are copied straight out of the mappings: one
+   copy per image, no per-sample buffer. The stream itself was shuffled at conversion time and its
+   shard order changes every epoch, so a window mixes samples from all over the source.
 3. Evaluation: ranks and then workers take contiguous ranges that partition the split exactly:
    every sample is read once, no padding duplicates. Each worker checks that its shards hold what
    the manifest says; a mismatch is an error, never a silent short count.
 4. Resume: the state is (epoch, batches consumed). A worker recomputes its plan and skips the
-   batches already consumed without decoding them, and workers are rotated so that PyTorch's
+   batches already consumed without copying them (whole windows before the resume point are not
+   even read), and workers are rotated so that PyTorch's
    round-robin over workers resumes at the right one: the next batches are exactly those an
    uninterrupted run would have produced. Resuming needs the same world size, workers, batch size,
-   seed and buffer; `load_state_dict` refuses anything else.
+   seed and shuffle_buffer; `load_state_dict` refuses anything else.
 
 Corrupt data stops the loader with a `ShardError` naming shard and key. With `skip_corrupt`, a
 sample that cannot be decoded or lacks its label, and the samples lost where a shard's tar breaks
@@ -36,7 +40,6 @@ run augments every sample the same way. Loaders are built per rank and do *not* 
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -46,7 +49,7 @@ import torch
 
 from histo_dist.errors import HistoDistError
 from histo_dist.manifest import Manifest
-from histo_dist.shards import ShardError, decode_image, iter_raw_samples, iter_raw_samples_mmap, npy_header
+from histo_dist.shards import ShardError, ShardIndex, decode_image, index_shard, load_shard, npy_header
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,10 @@ class LoaderConfig:
     num_workers: int = 2
     """Loader worker processes per rank; 0 reads in the training process."""
     shuffle_buffer: int = 4096
-    """Samples in each worker's shuffle buffer (training); ~28 KB each at 96x96. 0 disables it."""
+    """Training samples are shuffled within windows of at least this many samples: whole shards (or the
+    part a worker reads) mapped together, ~30 KB each at 96x96 npy. A worker maps about this many
+    samples plus one shard at a time (page cache, not copies). 0 or 1: no shuffle beyond the
+    conversion's shuffle and the shard order."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead."""
     pin_memory: bool = True
@@ -215,62 +221,65 @@ class _EpochStream(torch.utils.data.IterableDataset):
             num_workers=self.num_workers, worker=worker, batch_size=self.batch_size, training=self.training,
         )
         skip = self.start_batch // workers + (worker < self.start_batch % workers)
-        samples = self._samples(plan)
-        if self.training and self.buffer > 1:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, 0xB0F]))
-            samples = shuffle_buffer(samples, self.buffer, rng)
-        # `_samples` raises when a shard holds fewer or more samples than the manifest says, so
-        # every planned batch is full (training) and every planned sample is read once (evaluation).
-        for index in range(plan.num_batches):
-            batch = list(itertools.islice(samples, self.batch_size))
-            if self.training and len(batch) != self.batch_size:
-                raise ShardError(f"rank {self.rank} worker {worker}: batch {index} has {len(batch)} samples, planned {self.batch_size}")
-            if index >= skip:  # skipped batches (resume) are read but never decoded
-                yield self._collate(batch)
-        next(samples, None)  # read on past the plan: `_samples` then checks its last shard holds no more
+        skip_samples = skip * self.batch_size
+        opened: dict[int, _OpenShard] = {}  # segment number -> its shard, while batches still need it
+        pending: list[np.ndarray] = []  # (segment, row in shard, stream position) of samples not yet batched
+        read = batched = 0  # samples of this worker's stream put in a window / cut into batches
+        for window, segments in enumerate(_windows(plan.segments, self.buffer if self.training else 0)):
+            start = read
+            read += sum(plan.segments[j].stop - plan.segments[j].start for j in segments)
+            if read <= skip_samples:  # resuming past this whole window: never read it
+                continue
+            if start > batched + sum(map(len, pending)):  # windows were skipped: cut batches where they fall
+                batched = start // self.batch_size * self.batch_size
+                pending = [np.full((start - batched, 3), -1, dtype=np.int64)]  # the head of a skipped batch
+            for j in segments:
+                opened[j] = self._open(plan.segments[j])
+            refs = np.concatenate([opened[j].refs(j, plan.segments[j]) for j in segments])
+            if self.training and self.buffer > 1:
+                # A new order over the window's samples, from (seed, epoch, rank, worker, window): a
+                # window can be skipped (resume) without drawing its numbers.
+                rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, window, 0xB0F]))
+                refs = refs[rng.permutation(len(refs))]
+            pending.append(refs)
+            while read - batched >= self.batch_size or (read == plan.num_samples and read > batched):
+                refs = np.concatenate(pending)
+                batch, pending = refs[: self.batch_size], [refs[self.batch_size :]]
+                if batched >= skip_samples:  # batches before the resume point are cut, not gathered
+                    yield self._collate(batch, opened)
+                batched += len(batch)
+            still_needed = set(np.concatenate(pending)[:, 0].tolist())
+            for j in [j for j in opened if j not in still_needed]:
+                del opened[j]  # the last view of a shard's mapping goes: it is unmapped
+        if read > skip_samples and batched != plan.num_samples:  # (all skipped: resumed at the worker's end)
+            raise ShardError(f"rank {self.rank} worker {worker}: cut {batched} samples into batches, planned {plan.num_samples}")
 
-    def _samples(self, plan: WorkerPlan) -> Iterator[tuple]:
-        """(position, key, label, members, shard) for each sample of the plan, in stream order. With
-        skip_corrupt, a sample the shard does not deliver comes as (position, None, None, None, shard)."""
+    def _open(self, seg: Segment) -> "_OpenShard":
+        """Index the shard of a segment and check it against the manifest and the split."""
+        url, planned = self.urls[seg.shard], self.shard_sizes[seg.shard]
+        index = index_shard(load_shard(url), url, limit=seg.stop)
+        if len(index) > planned or (index.more and seg.stop == planned):
+            raise ShardError(f"{url}: holds more samples than the manifest's {planned}; "
+                             "it does not belong to this manifest (run `histo-dist verify`)")
+        if len(index) < seg.stop and not index.broken:  # an intact tar with fewer samples: a mismatch
+            raise ShardError(f"{url}: ends after {len(index)} samples, the manifest says {planned}; "
+                             "the shard does not belong to this manifest (run `histo-dist verify`)")
+        if index.broken:
+            if not self.skip_corrupt:
+                raise ShardError(index.broken)
+            lost = max(0, seg.stop - max(len(index), seg.start))
+            log.warning("%s: ends after %d samples, the manifest says %d (%s); skipping the %d sample(s) of it "
+                        "planned here (loader.skip_corrupt)", url, len(index), planned,
+                        index.broken.removeprefix(f"{url}: "), lost)
         prefix = f"{self.split}_"
-        for seg in plan.segments:
-            url = self.urls[seg.shard]
-            reader = iter_raw_samples_mmap(url) if "://" not in url and not url.startswith("pipe:") else _iter_url(url)
-            count, broken = 0, []
-            for i, sample in enumerate(_until_broken(reader, broken) if self.skip_corrupt else reader):
-                if i >= seg.stop:
-                    if seg.stop < self.shard_sizes[seg.shard]:
-                        break
-                    raise ShardError(f"{url}: holds more samples than the manifest's {self.shard_sizes[seg.shard]}; "
-                                     "it does not belong to this manifest (run `histo-dist verify`)")
-                if not sample.key.startswith(prefix):
-                    raise ShardError(f"{url}: sample {sample.key!r} is not of split {self.split!r}: a shard of another "
-                                     "split or conversion (run `histo-dist verify`)")
-                count = i + 1
-                if i < seg.start:
-                    continue
-                members = sample.members
-                if self.training and self.buffer > 1:
-                    # Copy out of the shard's mapping: the shuffle buffer keeps a few samples of every
-                    # recent shard for a long time, and views would keep each whole shard mapped
-                    # (resident memory growing with the data). A copy bounds it at the buffer's size.
-                    members = {ext: bytes(data) for ext, data in members.items() if ext != "json"}
-                yield seg.position + i - seg.start, sample.key, members.get("cls"), members, url
-            if count < seg.stop:
-                message = (f"{url}: ends after {count} samples, the manifest says {self.shard_sizes[seg.shard]}; "
-                           "the shard is truncated or does not belong to this manifest (run `histo-dist verify`)")
-                if not broken:  # an intact tar with fewer samples: a mismatch, not corruption
-                    raise ShardError(message)
-                missing = range(max(count, seg.start), seg.stop)
-                log.warning("%s; skipping the %d sample(s) of it planned here (loader.skip_corrupt)", message, len(missing))
-                for i in missing:
-                    yield seg.position + i - seg.start, None, None, None, url
+        for key in index.keys[seg.start : seg.stop]:
+            if not key.startswith(prefix):
+                raise ShardError(f"{url}: sample {key!r} is not of split {self.split!r}: a shard of another "
+                                 "split or conversion (run `histo-dist verify`)")
+        return _OpenShard(index, self.codec, self.shape)
 
-    def _collate(self, batch: list[tuple]) -> dict[str, Any]:
-        from histo_dist.manifest import CODEC_EXTENSIONS
-
-        ext = CODEC_EXTENSIONS[self.codec]
-        shape = (len(batch), *self.shape)
+    def _collate(self, refs: np.ndarray, opened: dict[int, "_OpenShard"]) -> dict[str, Any]:
+        shape = (len(refs), *self.shape)
         if torch.utils.data.get_worker_info() is not None:
             # Fill the batch straight into shared memory, as PyTorch's default collate does: handing
             # it to the training process is then free instead of one more copy of every image.
@@ -279,39 +288,32 @@ class _EpochStream(torch.utils.data.IterableDataset):
         else:
             batch_tensor = torch.empty(shape, dtype=torch.uint8)
         images = batch_tensor.numpy()
-        rows = images.reshape(len(batch), -1)
-        header, nbytes = npy_header(self.shape) if self.codec == "npy" else (b"", 0)
-        labels = np.empty(len(batch), dtype=np.int64)
-        keys, positions = [], np.empty(len(batch), dtype=np.int64)
+        rows = images.reshape(len(refs), -1)
+        labels = np.empty(len(refs), dtype=np.int64)
+        keys, positions = [], np.empty(len(refs), dtype=np.int64)
         j = 0  # samples kept: all of them, unless skip_corrupt drops bad ones
-        for position, key, label, members, url in batch:
+        for segment, i, position in refs.tolist():
+            shard = opened[segment]
             try:
-                if members is None:  # skip_corrupt: the shard broke off before this sample (logged per shard)
-                    raise ShardError(f"{url}: sample at stream position {position} missing")
-                if label is None or ext not in members:
-                    missing = "label (.cls)" if label is None else f"image (.{ext})"
-                    raise ShardError(f"{url}: sample {key!r}: no {missing} member; run `histo-dist verify` on the shards")
-                data = members[ext]
-                try:
-                    if nbytes and len(data) == len(header) + nbytes and data[: len(header)] == header:
-                        rows[j] = np.frombuffer(data, np.uint8, count=nbytes, offset=len(header))  # one copy, no parse
-                    else:
-                        images[j] = decode_image(data, self.codec, self.shape)
-                    labels[j] = int(bytes(label))
-                except Exception as e:  # any decoder failure (PIL raises OSError and others) is a bad sample
-                    raise ShardError(f"{url}: sample {key!r}: cannot decode ({e})") from None
-                if not 0 <= labels[j] < self.num_classes:
-                    raise ShardError(f"{url}: sample {key!r}: label {labels[j]} outside 0..{self.num_classes - 1}")
+                label = shard.labels[i] if i < len(shard.labels) else _MISSING
+                if not 0 <= label < self.num_classes:
+                    raise ShardError(shard.label_problem(i, label, self.num_classes))
+                if shard.plain[i]:  # one copy straight out of the shard's mapping, nothing to parse
+                    offset = shard.pixels[i]
+                    rows[j] = shard.index.data[offset : offset + rows.shape[1]]
+                else:
+                    images[j] = shard.decode(i)
+                labels[j] = label
             except ShardError as e:
                 if not self.skip_corrupt:
                     raise
-                if members is not None:
+                if i < len(shard.labels):  # samples lost to a broken tar were logged with their shard
                     log.warning("%s; skipped (loader.skip_corrupt)", e)
                 continue
-            keys.append(key)
+            keys.append(shard.index.keys[i])
             positions[j] = position
             j += 1
-        if j < len(batch):
+        if j < len(refs):
             batch_tensor, labels, positions = batch_tensor[:j], labels[:j], positions[:j]
         # (N,H,W,C) -> (N,C,H,W) as a view: the result is channels_last in memory, no copy.
         out = {
@@ -319,11 +321,87 @@ class _EpochStream(torch.utils.data.IterableDataset):
             "label": torch.from_numpy(labels),
             "key": keys,
             "seed": torch.from_numpy(augmentation_seeds(self.seed, self.epoch, positions)),
-            "skipped": len(batch) - j,
+            "skipped": len(refs) - j,
         }
         if self.transform is not None:
             out["image"] = self.transform(out["image"], out["seed"])
         return out
+
+
+def _windows(segments: tuple[Segment, ...], min_samples: int) -> Iterator[list[int]]:
+    """Consecutive segments grouped into shuffle windows of at least `min_samples` samples (the last
+    may hold fewer); with min_samples 0 (evaluation, no shuffle), one segment per window."""
+    window, size = [], 0
+    for j, seg in enumerate(segments):
+        window.append(j)
+        size += seg.stop - seg.start
+        if size >= min_samples:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
+
+
+_MISSING, _NOT_AN_INTEGER, _NO_LABEL = -1, -2, -3
+
+
+class _OpenShard:
+    """A shard being read: its index, and per sample the label and whether the image can be copied
+    without decoding (an .npy of exactly the expected shape and dtype)."""
+
+    def __init__(self, index: ShardIndex, codec: str, shape: tuple[int, int, int]):
+        from histo_dist.manifest import CODEC_EXTENSIONS
+
+        self.index, self.codec, self.shape = index, codec, shape
+        self.ext = CODEC_EXTENSIONS[codec]
+        n, data = len(index), index.data
+        labels = np.full(n, _NO_LABEL, dtype=np.int64)
+        if "cls" in index.members:
+            offset, size = index.members["cls"].T
+            one_digit = (size == 1) & (data[np.maximum(offset, 0)] - 48 < 10)
+            labels[one_digit] = data[offset[one_digit]] - 48
+            for i in np.flatnonzero((size >= 0) & ~one_digit).tolist():  # >= 10 classes, or not a number
+                try:
+                    labels[i] = int(bytes(index.member(i, "cls")))
+                except ValueError:
+                    labels[i] = _NOT_AN_INTEGER
+        self.labels = labels
+        self.plain = np.zeros(n, dtype=bool)
+        self.pixels = np.zeros(n, dtype=np.int64)
+        if codec == "npy" and self.ext in index.members and n:
+            header, nbytes = npy_header(shape)
+            offset, size = index.members[self.ext].T
+            candidates = np.flatnonzero(size == len(header) + nbytes)
+            starts = offset[candidates]
+            heads = data[starts[:, None] + np.arange(len(header))]  # (n, 128) gather: ~0.3 us per sample
+            self.plain[candidates[(heads == np.frombuffer(header, np.uint8)).all(axis=1)]] = True
+            self.pixels = offset + len(header)
+
+    def refs(self, segment: int, seg: Segment) -> np.ndarray:
+        """(segment, row in shard, stream position) of the segment's samples; rows past a broken
+        tar's end stay in (they become skipped samples)."""
+        rows = np.arange(seg.start, seg.stop, dtype=np.int64)
+        return np.stack([np.full_like(rows, segment), rows, seg.position + rows - seg.start], axis=1)
+
+    def label_problem(self, i: int, label: int, num_classes: int) -> str:
+        if label == _MISSING:
+            return f"{self.index.name}: sample at row {i} missing (the tar broke off before it)"
+        where = f"{self.index.name}: sample {self.index.keys[i]!r}"
+        if label == _NO_LABEL:
+            return f"{where}: no label (.cls) member; run `histo-dist verify` on the shards"
+        if label == _NOT_AN_INTEGER:
+            return f"{where}: cannot decode the label {bytes(self.index.member(i, 'cls'))[:20]!r} (not an integer)"
+        return f"{where}: label {label} outside 0..{num_classes - 1}"
+
+    def decode(self, i: int) -> np.ndarray:
+        data = self.index.member(i, self.ext)
+        key = self.index.keys[i]
+        if data is None:
+            raise ShardError(f"{self.index.name}: sample {key!r}: no image (.{self.ext}) member; run `histo-dist verify` on the shards")
+        try:
+            return decode_image(data, self.codec, self.shape)
+        except Exception as e:  # any decoder failure (PIL raises OSError and others) is a bad sample
+            raise ShardError(f"{self.index.name}: sample {key!r}: cannot decode ({e})") from None
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
@@ -346,43 +424,6 @@ class _WorkerError:
     """A ShardError of a loader worker, on its way to the training process."""
 
     message: str
-
-
-def _until_broken(reader: Iterator, errors: list[str]) -> Iterator:
-    """The samples of a shard up to where its tar breaks off (skip_corrupt): the error is logged and
-    appended to `errors`, not raised."""
-    try:
-        yield from reader
-    except ShardError as e:
-        log.warning("%s", e)
-        errors.append(str(e))
-
-
-def _iter_url(url: str):
-    import webdataset as wds
-
-    stream = wds.gopen(url)
-    try:
-        yield from iter_raw_samples(url, fileobj=stream)
-    finally:
-        stream.close()
-
-
-def shuffle_buffer(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Reservoir-style shuffle: hold `size` samples, emit a random one as each new one arrives."""
-    buffer: list = []
-    picks: list[int] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        if not picks:  # draw slots in bulk: one numpy call per 1024 samples, not per sample
-            picks = rng.integers(size, size=1024).tolist()[::-1]
-        j = picks.pop()
-        buffer[j], sample = sample, buffer[j]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ Writing uses `tarfile` (ustar, the layout `webdataset.TarWriter` writes) with a 
 owner, so the same input gives byte-identical shards (a resumed conversion equals an uninterrupted one). A shard is written to a
 temp name, hashed while written, fsynced, and only then renamed to its final name.
 
-Reading here is strict and local (verify and the loader's fast path): a shard whose tar structure is
-broken, or a sample missing its label or image, raises `ShardError` naming the shard and key.
-For URLs and `pipe:` sources the loader uses `webdataset` itself.
+Reading is strict. `iter_raw_samples` (tarfile; verify, convert) raises `ShardError` naming the shard
+and key for a broken tar structure. The loader instead indexes a whole shard at once
+(`load_shard` + `index_shard`): local files are memory-mapped, URLs and `pipe:` commands are read
+through webdataset's `gopen`; the index says where each member's bytes are, and where a damaged tar
+stops being readable, so the loader can name the damage or, with skip_corrupt, count what it loses.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import struct
 import tarfile
@@ -238,69 +241,199 @@ def decode_sample(
     return image, label
 
 
-# The ustar header fields the fast reader needs, in one unpack: name, size, typeflag, magic, prefix.
+# ---------------------------------------------------------------------------------------------
+# Indexing: where every sample's members sit in a shard's bytes (the loader's read path)
+
+
+@dataclass
+class ShardIndex:
+    """Where each sample's members sit in one shard's bytes (see `index_shard`)."""
+
+    name: str
+    data: np.ndarray
+    """The whole shard as uint8: a read-only mapping of a local file, or the bytes read from a URL."""
+    keys: list[str]
+    members: dict[str, np.ndarray]
+    """Extension -> (num_samples, 2) int64 array of [offset of the member's data, size]; -1 where absent."""
+    broken: str | None = None
+    """Why the tar stops being readable after the samples indexed (truncated, corrupt header, a key seen
+    twice...), naming the shard; None when it is intact up to its end-of-archive marker (or the limit)."""
+    more: bool = False
+    """The index stopped at its `limit` and the shard holds more samples."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def member(self, i: int, ext: str) -> np.ndarray | None:
+        """The bytes of sample i's `ext` member (a view into `data`), or None when it has none."""
+        offset, size = self.members[ext][i] if ext in self.members else (-1, -1)
+        return None if offset < 0 else self.data[offset : offset + size]
+
+
+def load_shard(url: str) -> np.ndarray:
+    """A shard's bytes as uint8. Local files are memory-mapped (MAP_POPULATE: the page tables are filled
+    in one go, cheaper than a page fault per 4 KiB later); URLs and `pipe:` commands are read whole
+    through webdataset's `gopen`, so object stores work (a shard is ~60 MB)."""
+    try:
+        if "://" in url or url.startswith("pipe:"):
+            import webdataset as wds
+
+            stream = wds.gopen(url)
+            try:
+                return np.frombuffer(stream.read(), np.uint8)
+            finally:
+                stream.close()
+        with open(url, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return np.empty(0, np.uint8)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            return np.frombuffer(mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ), np.uint8)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{url}: cannot read the shard ({type(e).__name__}: {e})") from None
+
+
+def index_shard(data: np.ndarray, name: str, limit: int | None = None) -> ShardIndex:
+    """Index the samples of a shard's bytes (from `load_shard`); never raises for a damaged tar.
+
+    Damage (a truncated tar, a corrupt header, a member without extension, a key seen twice, data
+    after the end-of-archive marker) ends the index there: the samples before it are indexed and
+    `broken` says what is wrong, naming the shard. A sample is indexed once its members are complete,
+    i.e. the next sample begins or the archive ends. With `limit`, indexing stops once `limit` samples
+    are complete (`more` is then True if another one begins). Header checksums are not checked
+    (`histo-dist verify` does, through tarfile, along with each shard's sha256).
+    """
+    if len(data) == 0:
+        return ShardIndex(name, data, [], {}, broken=f"{name}: empty file, not a tar shard; truncated?")
+    return _index_regular(data, name) or _index_walk(data, name, limit)
+
+
+# The ustar header fields the walk needs, in one unpack: name, size, typeflag, magic, prefix.
 _USTAR = struct.Struct("100s24x12s12x8xc100x5s3x32x32x16x155s12x")
 
 
-def iter_raw_samples_mmap(path: str | Path) -> Iterator[RawSample]:
-    """Fast reader for local shards: parses ustar headers over an mmap, members as zero-copy views.
+def _index_walk(data: np.ndarray, name: str, limit: int | None) -> ShardIndex:
+    """Header by header (one struct unpack each, ~1 us); handles any plain ustar layout."""
+    size, unpack = len(data), _USTAR.unpack_from
+    keys: list[str] = []
+    members: dict[str, list[list[int]]] = {}
+    seen: set[bytes] = set()
+    pos, current_key, current, broken, more = 0, b"", None, None, False
 
-    `tarfile` costs ~15 us per member in Python; one struct unpack per header costs ~1 us, which is
-    what lets a loader worker keep up with the disk on 96x96 patches. It handles the plain ustar
-    members our writer produces; extended (pax/GNU) headers fall back to `iter_raw_samples`. Header
-    checksums are not checked here (verify does, through tarfile). The returned members are
-    memoryviews into the mapping: copy (or decode) them before the mapping is dropped.
-    """
-    import mmap
+    def close_sample():  # the sample being read is complete: add it
+        keys.append(current[0])
+        for ext in current[1].keys() - members.keys():
+            members[ext] = [[-1, -1]] * (len(keys) - 1)
+        for ext, rows in members.items():
+            rows.append(current[1].get(ext, [-1, -1]))
 
-    name = str(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise ShardError(f"{name}: empty file, not a tar shard; truncated?")
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    view, unpack = memoryview(mapping), _USTAR.unpack_from
-    pos, current, current_key, seen, extensions = 0, None, b"", set(), {}
-    while pos + 512 <= size:
-        if mapping[pos] == 0:  # end-of-archive marker (two zero blocks)
-            if mapping[pos:].count(0) != size - pos:
-                raise ShardError(f"{name}: corrupt tar: a zero block at byte {pos} is followed by more data")
+    while True:
+        if pos + 512 > size:
+            broken = f"{name}: truncated tar (ends at byte {size} without the end-of-archive marker)"
             break
-        member, size_field, typeflag, magic, prefix = unpack(mapping, pos)
+        if data[pos] == 0:  # end-of-archive marker (zero blocks to the end of the file)
+            if data[pos:].any():
+                broken = f"{name}: corrupt tar: a zero block at byte {pos} is followed by more data"
+            elif current is not None:
+                close_sample()
+            break
+        member, size_field, typeflag, magic, prefix = unpack(data, pos)
         if magic != b"ustar":
-            raise ShardError(f"{name}: corrupt tar header at byte {pos} (no ustar magic); truncated or corrupt?")
+            broken = f"{name}: corrupt tar header at byte {pos} (no ustar magic); truncated or corrupt?"
+            break
         try:
             member_size = int(size_field.rstrip(b"\0 ") or b"0", 8)
         except ValueError:
-            raise ShardError(f"{name}: corrupt tar header at byte {pos} (bad size field)") from None
+            broken = f"{name}: corrupt tar header at byte {pos} (bad size field)"
+            break
         start = pos + 512
         pos = start + (member_size + 511) // 512 * 512
+        if typeflag in (b"x", b"g", b"L", b"K"):
+            broken = (f"{name}: extended (pax/GNU) tar header at byte {start - 512}: not read by the loader; "
+                      "write shards with `histo-dist convert` (plain ustar)")
+            break
         if typeflag not in (b"0", b"\0"):
-            if typeflag in (b"x", b"g", b"L", b"K"):
-                yield from iter_raw_samples(path)  # extended headers: let tarfile do it
-                return
-            continue
+            continue  # directories and links carry no sample data
         member = member.rstrip(b"\0")
         prefix = prefix.rstrip(b"\0")
         if prefix:
             member = prefix + b"/" + member
+        shown = member.decode(errors="replace")
         if start + member_size > size:
-            raise ShardError(f"{name}: member {member.decode(errors='replace')!r} is truncated (shard ends at byte {size})")
+            broken = f"{name}: member {shown!r} is truncated (shard ends at byte {size})"
+            break
         dot = member.find(b".", member.rfind(b"/") + 1)
         if dot < 0:
-            raise ShardError(f"{name}: member {member.decode(errors='replace')!r} has no extension (expected KEY.cls / KEY.npy ...)")
+            broken = f"{name}: member {shown!r} has no extension (expected KEY.cls / KEY.npy ...)"
+            break
         key = member[:dot]
         if key != current_key:
             if current is not None:
-                yield current
+                close_sample()
+                if limit is not None and len(keys) >= limit:
+                    more = True
+                    break
             if key in seen:
-                raise ShardError(f"{name}: key {key.decode(errors='replace')!r} appears twice (members of a sample must be adjacent)")
+                broken = f"{name}: key {key.decode(errors='replace')!r} appears twice (members of a sample must be adjacent)"
+                break
             seen.add(key)
-            current, current_key = RawSample(key.decode(), {}), key
-        ext = member[dot + 1 :]
-        ext = extensions.get(ext) or extensions.setdefault(ext, ext.decode())
-        current.members[ext] = view[start : start + member_size]
-    else:  # no end-of-archive marker: cut inside or right after a member
-        raise ShardError(f"{name}: truncated tar (ends at byte {size} without the end-of-archive marker)")
-    if current is not None:
-        yield current
+            current, current_key = (key.decode(), {}), key
+        current[1][member[dot + 1 :].decode()] = [start, member_size]
+    arrays = {ext: np.asarray(rows, dtype=np.int64).reshape(-1, 2) for ext, rows in members.items()}
+    return ShardIndex(name, data, keys, arrays, broken, more)
+
+
+_OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+
+
+def _index_regular(data: np.ndarray, name: str) -> ShardIndex | None:
+    """The fast path for shards whose samples all share one block layout, as ours do (fixed-size
+    .npy images, 1-block labels and metadata): guess every header's position from the first sample,
+    then check all of them at once with numpy (magic, type, size, name). Any surprise returns None
+    and the walk decides. ~0.3 us per sample instead of ~5."""
+    first = _index_walk(data, name, limit=1)
+    if len(first) != 1 or first.broken:
+        return None
+    layout = sorted((offset - 512, size, ext) for ext, ((offset, size),) in first.members.items())
+    exts = [ext.encode() for _, _, ext in layout]
+    key = first.keys[0].encode()
+    if layout[0][0] != 0 or not all(0 < b < 128 for b in key) or b"." in key:
+        return None
+    header_at = np.array([start for start, _, _ in layout])  # member headers relative to the sample start
+    stride = int(header_at[-1]) + 512 + (layout[-1][1] + 511) // 512 * 512
+    blocks = np.array([(size + 511) // 512 for _, size, _ in layout])
+    if (np.diff(header_at) != 512 + 512 * blocks[:-1]).any():
+        return None  # something (a directory entry?) sits between the members
+    starts = np.arange(0, len(data), stride)
+    ends = np.flatnonzero(data[starts] == 0)
+    if not len(ends):
+        return None
+    n = int(ends[0])
+    if n == 0 or data[n * stride :].any():
+        return None
+
+    def fields(member: int, offset: int, width: int) -> np.ndarray:  # (n, width) view, no copy
+        return np.lib.stride_tricks.as_strided(data[int(header_at[member]) + offset :], (n, width), (stride, 1))
+
+    names = [fields(m, 0, 100) for m in range(len(exts))]
+    sizes = []
+    for m, ext in enumerate(exts):
+        tail = np.frombuffer(b"." + ext + b"\0" * 100, np.uint8)[: 100 - len(key)]
+        digits = fields(m, 124, 11).astype(np.int64) - 48
+        if ((digits < 0) | (digits > 7)).any():
+            return None
+        sizes.append(digits @ _OCTAL)
+        if not ((fields(m, 257, 5) == np.frombuffer(b"ustar", np.uint8)).all()
+                and np.isin(fields(m, 156, 1), (0, 48)).all() and not fields(m, 345, 1).any()
+                and ((sizes[m] + 511) // 512 == blocks[m]).all()
+                and (names[m][:, len(key) :] == tail).all()
+                and (m == 0 or (names[m][:, : len(key)] == names[0][:, : len(key)]).all())):
+            return None
+    key_bytes = names[0][:, : len(key)]
+    if ((key_bytes == ord(".")) | (key_bytes == 0) | (key_bytes > 127)).any():
+        return None
+    keys = np.ascontiguousarray(key_bytes).view(f"S{len(key)}").ravel()
+    if len(np.unique(keys)) != n:
+        return None  # a key seen twice: the walk names it
+    base = np.arange(n, dtype=np.int64) * stride
+    members = {ext.decode(): np.stack([base + int(header_at[m]) + 512, sizes[m]], axis=1) for m, ext in enumerate(exts)}
+    return ShardIndex(name, data, [k.decode() for k in keys.tolist()], members)

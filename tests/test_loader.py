@@ -164,6 +164,30 @@ def test_resume_yields_exactly_the_remaining_batches(dataset, world, workers):
         assert got == expected[position:], f"resume at batch {position}"
 
 
+def test_resume_at_every_batch_when_windows_and_batches_do_not_align(dataset):
+    """Shuffle windows of >= 10 samples (whole shard segments: 40, 13, 64...) cut into batches of 3: batches
+    straddle windows, and resuming skips whole windows unread. Every position must still resume exactly."""
+    cfg = LoaderConfig(batch_size=3, num_workers=0, shuffle_buffer=10)
+    reference = ShardLoader(dataset, "train", cfg, seed=5)
+    expected = [(tuple(b["key"]), b["seed"].tolist()) for b in reference]
+    assert len({k for keys, _ in expected for k in keys}) == 3 * len(expected)  # disjoint, all full
+    for position in range(len(expected)):
+        resumed = ShardLoader(dataset, "train", cfg, seed=5)
+        resumed.load_state_dict({**reference.state_dict(), "epoch": 0, "batch": position})
+        assert [(tuple(b["key"]), b["seed"].tolist()) for b in resumed] == expected[position:], position
+
+
+def test_shuffle_mixes_shards_within_a_window(dataset):
+    """A batch mixes samples of the shards in its window (not one shard after another)."""
+    cfg = LoaderConfig(batch_size=8, num_workers=0, shuffle_buffer=100)
+    shard_of = {}
+    for shard, info in enumerate(dataset.split("train").shards):
+        start = sum(s.num_samples for s in dataset.split("train").shards[:shard])
+        shard_of.update({sample_key("train", start + i): shard for i in range(info.num_samples)})
+    batches = [b["key"] for b in ShardLoader(dataset, "train", cfg, seed=1)]
+    assert sum(len({shard_of[k] for k in keys}) > 1 for keys in batches) > len(batches) // 2
+
+
 def test_resume_refuses_other_geometry(dataset):
     a = ShardLoader(dataset, "train", LoaderConfig(batch_size=4, num_workers=2), seed=0)
     b = ShardLoader(dataset, "train", LoaderConfig(batch_size=8, num_workers=2), seed=0)

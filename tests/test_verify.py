@@ -73,11 +73,23 @@ def test_truncated_shard(dataset, capsys, cut):
     assert "FAILED" in out and "train-000001.tar" in out
 
 
-@pytest.mark.parametrize("reader", ["tarfile", "mmap"])
+def read_strictly(reader: str, shard: Path) -> list[tuple[str, set[str]]]:
+    """(key, member extensions) of every sample, by tarfile or by the loader's index; ShardError if damaged."""
+    from histo_dist.shards import ShardError, index_shard, iter_raw_samples, load_shard
+
+    if reader == "tarfile":
+        return [(s.key, set(s.members)) for s in iter_raw_samples(shard)]
+    index = index_shard(load_shard(str(shard)), str(shard))
+    if index.broken:
+        raise ShardError(index.broken)
+    return [(key, {ext for ext, rows in index.members.items() if rows[i, 0] >= 0}) for i, key in enumerate(index.keys)]
+
+
+@pytest.mark.parametrize("reader", ["tarfile", "index"])
 @pytest.mark.parametrize("damage", ["zeroed-header", "cut-at-member-boundary", "empty"])
 def test_strict_readers_reject_silently_short_shards(dataset, reader, damage):
     """tarfile alone stops quietly at a zero block or a cut between members: the readers must not."""
-    from histo_dist.shards import ShardError, iter_raw_samples, iter_raw_samples_mmap
+    from histo_dist.shards import ShardError, iter_raw_samples
 
     shard = dataset / "valid-000000.tar"
     offset, _ = member_offset(shard, "valid_000000004.cls")
@@ -89,23 +101,18 @@ def test_strict_readers_reject_silently_short_shards(dataset, reader, damage):
     else:
         data = bytearray()
     shard.write_bytes(bytes(data))
-    read = iter_raw_samples if reader == "tarfile" else iter_raw_samples_mmap
     with pytest.raises(ShardError, match="valid-000000.tar"):
-        list(read(shard))
+        read_strictly(reader, shard)
     if reader == "tarfile":
         with pytest.raises(ShardError, match="valid-000000.tar: not a readable tar shard"):
             list(iter_raw_samples(shard, fileobj=io.BytesIO(bytes(data))))
         assert any("not a readable tar shard" in p for p in problems_of(dataset))
 
 
-@pytest.mark.parametrize("reader", ["tarfile", "mmap"])
+@pytest.mark.parametrize("reader", ["tarfile", "index"])
 def test_strict_readers_read_a_good_shard(converted, reader):
-    from histo_dist.shards import iter_raw_samples, iter_raw_samples_mmap
-
-    read = iter_raw_samples if reader == "tarfile" else iter_raw_samples_mmap
-    samples = list(read(converted["npy"] / "valid-000000.tar"))
-    assert [s.key for s in samples] == [f"valid_{i:09d}" for i in range(16)]
-    assert all(set(s.members) == {"cls", "json", "npy"} for s in samples)
+    samples = read_strictly(reader, converted["npy"] / "valid-000000.tar")
+    assert samples == [(f"valid_{i:09d}", {"cls", "json", "npy"}) for i in range(16)]
 
 
 def test_flipped_bytes_in_npy_pixels_fail_the_checksum(dataset):
