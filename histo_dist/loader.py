@@ -373,7 +373,11 @@ class _OpenShard:
             offset, size = index.members[self.ext].T
             candidates = np.flatnonzero(size == len(header) + nbytes)
             starts = offset[candidates]
-            heads = data[starts[:, None] + np.arange(len(header))]  # (n, 128) gather: ~0.3 us per sample
+            steps = np.diff(starts)
+            if len(starts) > 1 and (steps == steps[0]).all() and steps[0] >= len(header):  # evenly spaced: a view
+                heads = np.lib.stride_tricks.as_strided(data[starts[0] :], (len(starts), len(header)), (int(steps[0]), 1))
+            else:
+                heads = data[starts[:, None] + np.arange(len(header))]  # a (n, 128) gather
             self.plain[candidates[(heads == np.frombuffer(header, np.uint8)).all(axis=1)]] = True
             self.pixels = offset + len(header)
 
