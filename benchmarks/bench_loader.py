@@ -214,8 +214,8 @@ def main() -> None:
     for name, (rate, rss) in results.items():
         raw = results["raw tar read from page cache, 4x" if "4x" in name else "raw tar read from page cache (limit)"][0]
         print(f"{name:<48} {rate:>9.0f} {rate / baseline:>14.1f} {rate / raw:>7.2f} {rss:>9.0f}")
-    for name, folder, at_write in (("write-time shuffle + buffer", shards["npy"], True),
-                                   ("buffer only (no write-time shuffle)", out / "shards-unshuffled", False)):
+    for name, folder, at_write in (("write-time shuffle + windows", shards["npy"], True),
+                                   ("windows only (no write-time shuffle)", out / "shards-unshuffled", False)):
         same, ideal = shuffle_quality(str(folder), args.batch, at_write)
         print(f"shuffle, {name}: P(source neighbours in one batch) = {same:.4f} (ideal uniform shuffle {ideal:.4f})")
 
