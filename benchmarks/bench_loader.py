@@ -199,8 +199,8 @@ def main() -> None:
     for codec in ("npy", "png", "jpeg"):
         results[f"ours, {codec}, in-process (one worker's work)"] = measure(ours, str(shards[codec]), args.batch, 0)
     results[f"ours, npy, in-process, {4 * args.n} images (4x)"] = measure(ours, str(out / "shards-4x"), args.batch, 0)
-    # On the 4x set: a 1x epoch is too short for a worker's steady state (buffer fill, prefetch).
-    results[f"ours, npy, via 1 DataLoader worker, 4x"] = measure(ours, str(out / "shards-4x"), args.batch, 1)
+    # On the 4x set: a 1x epoch is too short for a worker's steady state (first window, prefetch).
+    results["ours, npy, via 1 DataLoader worker, 4x"] = measure(ours, str(out / "shards-4x"), args.batch, 1)
     manifest = json.loads((shards["npy"] / "manifest.json").read_text())
     bytes_per_image = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"]) / args.n
     # The raw rate of each set of files (it differs between sets written alike: page-cache layout),
