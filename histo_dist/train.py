@@ -454,7 +454,9 @@ class Trainer:
                    disable=not (acc.is_main_process and self.cfg.tracking.progress), dynamic_ncols=True)
         global_batch = self.cfg.loader.batch_size * t.grad_accum_steps * self.world_size
         tick, tick_step = time.perf_counter(), self.step
-        stop = self.step >= self.total_steps
+        patience = t.early_stopping_patience
+        # (A run preempted right after early stopping said stop resumes into the test evaluation.)
+        stop = self.step >= self.total_steps or bool(patience and self.evals_without_improvement >= patience)
         while not stop:
             epoch = self.train_loader.epoch
             for batch in self.train_loader:
@@ -477,18 +479,23 @@ class Trainer:
                 end_of_epoch = self.train_loader.batch >= self.micro_per_epoch
                 if end_of_epoch:
                     self.train_loader.set_epoch(epoch + 1)  # the saved position is the next epoch's start
-                if self.preempted():
+                stop, saved = self.step >= self.total_steps, True
+                if (t.eval_every_steps and self.step % t.eval_every_steps == 0) or (not t.eval_every_steps and end_of_epoch) or stop:
+                    if self.validate(run_log, epoch):  # (it checkpoints)
+                        stop = True
+                elif (self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0) or end_of_epoch:
                     self.save_checkpoint()
+                else:
+                    saved = False
+                # Only after this step's validation: a run preempted between a step and its validation
+                # would resume past that validation, and could pick another best checkpoint.
+                if self.preempted():
+                    if not saved:
+                        self.save_checkpoint()
                     self.preemption.ignore()
                     log.warning("preempted (%s): checkpoint at step %d written; exiting with code %d for requeue",
                                 self.preemption.signal or "signal on another rank", self.step, EXIT_PREEMPTED)
                     raise Preempted()
-                stop = self.step >= self.total_steps
-                if (t.eval_every_steps and self.step % t.eval_every_steps == 0) or (not t.eval_every_steps and end_of_epoch) or stop:
-                    if self.validate(run_log, epoch):
-                        stop = True
-                elif (self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0) or end_of_epoch:
-                    self.save_checkpoint()
                 if stop or end_of_epoch:
                     break
         bar.close()

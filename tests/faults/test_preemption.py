@@ -100,3 +100,46 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_at_the_same_step(shards, tmp_pat
     step = int(stops[0][2])
     assert load_checkpoint(checkpointer(run_dir).newest_valid())["step"] == step
     print(f"SIGUSR1 to rank 1: checkpoint of step {step} after {saved:.2f} s, every process gone after {gone:.2f} s")
+
+
+@pytest.mark.slow
+def test_preemption_at_a_validation_step_resumes_with_that_validation(shards, tmp_path, monkeypatch,
+                                                                       keep_signal_handlers):
+    """The signal lands on a step that validates (here the epoch's last): the validation still runs
+    before the checkpoint, so the resumed run logs the same validations and picks the same best
+    checkpoint as an uninterrupted one. (Checking the signal before validating lost that validation:
+    the run went on bitwise equal but tested another 'best' checkpoint.)"""
+    import json
+
+    from histo_dist.train import Preempted, Trainer, load_experiment, train
+    from tests.faults.harness import BASE, ROOT
+
+    def config():
+        return load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, "loader.num_workers=0"])
+
+    def valid_steps(run_dir):
+        return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "valid"]
+
+    reference = tmp_path / "reference"
+    expected = train(config(), reference)
+    at = valid_steps(reference)[0]  # the first step that validates
+
+    signalled = []
+    real_preempted = Trainer.preempted
+
+    def preempted_once_at_step(self):
+        if self.step == at and not signalled:
+            signalled.append(self.step)
+            return True
+        return real_preempted(self)
+
+    monkeypatch.setattr(Trainer, "preempted", preempted_once_at_step)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Preempted):
+        train(config(), run_dir)
+    assert signalled == [at] and valid_steps(run_dir) == [at]  # validated before the checkpoint and exit
+    got = train(config(), run_dir)  # resumes from the checkpoint at `at`
+    assert valid_steps(run_dir) == valid_steps(reference)
+    assert load_checkpoint(run_dir / "checkpoints/best.pt")["step"] == load_checkpoint(reference / "checkpoints/best.pt")["step"]
+    assert got == expected
