@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -412,10 +413,24 @@ def _ignore_preemption_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints on them.
     (SLURM signals every process of a step; torch's default would kill the workers first, and the
     training process would crash instead of checkpointing.) Workers still exit with their parent."""
-    import signal
+    for signum in _PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # (also discards one that arrived while blocked)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PREEMPTION_SIGNALS)
 
-    for name in ("SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+def _start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
+    """Start the loader's workers with SIGTERM/SIGUSR1 blocked: a worker inherits the mask, so one
+    of these signals arriving before it has run `_ignore_preemption_signals` waits instead of killing
+    it through torch's worker handler (SLURM signals every process of the step, new workers included).
+    In the training process the signal is delivered when the mask is lifted, a moment later."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+_PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -524,7 +539,7 @@ class ShardLoader:
             prefetch_factor=self.cfg.prefetch_factor if self.num_workers else None,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
         )
-        for batch in loader:
+        for batch in _start_workers(loader) if self.num_workers else loader:
             if isinstance(batch, _WorkerError):
                 raise ShardError(batch.message)
             self.batch += 1
