@@ -93,6 +93,18 @@ def ours(shards: str, batch: int, workers: int, epochs: int = 3):
     return best
 
 
+def random_batches(ds, batch: int, limit: int):
+    """(images, seconds) for `limit` random samples of a map-style dataset through a DataLoader."""
+    import torch
+
+    sampler = torch.utils.data.RandomSampler(ds, num_samples=limit)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0)
+    n, t = 0, time.perf_counter()
+    for images, labels in loader:
+        n += len(labels)
+    return n, time.perf_counter() - t
+
+
 def torchvision_pcam(source: str, batch: int, limit: int):
     import torch
     import torchvision
@@ -106,12 +118,7 @@ def torchvision_pcam(source: str, batch: int, limit: int):
         if not link.exists():
             link.symlink_to(Path(source) / link.name)
     ds = torchvision.datasets.PCAM(str(root), split="train", transform=v2.PILToTensor(), download=False)
-    sampler = torch.utils.data.RandomSampler(ds, num_samples=limit)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0)
-    n, t = 0, time.perf_counter()
-    for images, labels in loader:
-        n += len(labels)
-    return n, time.perf_counter() - t
+    return random_batches(ds, batch, limit)
 
 
 def h5_open(source: str, batch: int, limit: int):
@@ -132,12 +139,7 @@ def h5_open(source: str, batch: int, limit: int):
             return torch.from_numpy(self.x[i]).permute(2, 0, 1), int(self.y[i])
 
     ds = H5()
-    sampler = torch.utils.data.RandomSampler(ds, num_samples=limit)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0)
-    n, t = 0, time.perf_counter()
-    for images, labels in loader:
-        n += len(labels)
-    return n, time.perf_counter() - t
+    return random_batches(ds, batch, limit)
 
 
 def raw_read(shards: str, bytes_per_image: float):

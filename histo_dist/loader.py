@@ -236,7 +236,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 pending = [np.full((start - batched, 3), -1, dtype=np.int64)]  # the head of a skipped batch
             for j in segments:
                 opened[j] = self._open(plan.segments[j])
-            refs = np.concatenate([opened[j].refs(j, plan.segments[j]) for j in segments])
+            refs = np.concatenate([_segment_refs(j, plan.segments[j]) for j in segments])
             if self.training and self.buffer > 1:
                 # A new order over the window's samples, from (seed, epoch, rank, worker, window): a
                 # window can be skipped (resume) without drawing its numbers.
@@ -343,6 +343,13 @@ def _windows(segments: tuple[Segment, ...], min_samples: int) -> Iterator[list[i
         yield window
 
 
+def _segment_refs(segment: int, seg: Segment) -> np.ndarray:
+    """(segment number, row in shard, stream position) of a segment's samples; rows past a broken
+    tar's end stay in (they become skipped samples)."""
+    rows = np.arange(seg.start, seg.stop, dtype=np.int64)
+    return np.stack([np.full_like(rows, segment), rows, seg.position + rows - seg.start], axis=1)
+
+
 _MISSING, _NOT_AN_INTEGER, _NO_LABEL = -1, -2, -3
 
 
@@ -382,12 +389,6 @@ class _OpenShard:
             self.plain[candidates[(heads == np.frombuffer(header, np.uint8)).all(axis=1)]] = True
             self.pixels = offset + len(header)
 
-    def refs(self, segment: int, seg: Segment) -> np.ndarray:
-        """(segment, row in shard, stream position) of the segment's samples; rows past a broken
-        tar's end stay in (they become skipped samples)."""
-        rows = np.arange(seg.start, seg.stop, dtype=np.int64)
-        return np.stack([np.full_like(rows, segment), rows, seg.position + rows - seg.start], axis=1)
-
     def label_problem(self, i: int, label: int, num_classes: int) -> str:
         if label == _MISSING:
             return f"{self.index.name}: sample at row {i} missing (the tar broke off before it)"
@@ -409,6 +410,9 @@ class _OpenShard:
             raise ShardError(f"{self.index.name}: sample {key!r}: cannot decode ({e})") from None
 
 
+_PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
 def _ignore_preemption_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints on them.
     (SLURM signals every process of a step; torch's default would kill the workers first, and the
@@ -428,9 +432,6 @@ def _start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-_PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
