@@ -90,7 +90,7 @@ def bench(name: str, src: Path, out: Path, codec: str, workers: int, splits: str
         "samples_per_shard": samples_per_shard, "overwrite": True, "progress": False,
     })
     t0 = time.perf_counter()
-    manifest = convert(cfg)
+    manifest = convert(cfg).manifest
     seconds = time.perf_counter() - t0
     n = manifest.total_samples
     shard_bytes = sum(sh.bytes for s in manifest.splits.values() for sh in s.shards)

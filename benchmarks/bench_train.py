@@ -35,7 +35,8 @@ def main() -> None:
 
     from histo_dist.augment import normalize_only
     from histo_dist.models import build_model
-    from histo_dist.train import Trainer, load_experiment
+    from histo_dist.experiment import load_experiment
+    from histo_dist.train import Trainer
     from tests.shard_data import make_dataset
 
     tmp = Path(tempfile.mkdtemp())

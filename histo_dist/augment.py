@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,7 @@ def _uniforms(seeds: Tensor, count: int) -> Tensor:
 class AugmentParams(NamedTuple):
     """What each sample drew; ops that are off get their identity value."""
 
-    dihedral: Tensor  # (N,) int64 in [0, 8): flip left-right if >= 4, then rot90 (dims -2, -1) k % 4 times
+    dihedral: Tensor  # (N,) int64 in [0, 8): the symmetry of `dihedral_views`
     angle: Tensor  # (N,) degrees, counter-clockwise
     brightness: Tensor  # (N,) factor
     contrast: Tensor  # (N,) factor
@@ -172,12 +172,19 @@ def _per_sample(v: Tensor) -> Tensor:
     return v.view(-1, 1, 1, 1)
 
 
+def dihedral_views(x: Tensor) -> Iterator[Tensor]:
+    """The 8 symmetries of the square applied to (..., H, W), the identity first: symmetry k mirrors
+    left-right when k >= 4, then rotates by k % 4 quarter turns. Augmentation draws k per sample;
+    test-time augmentation averages over all 8 in this order."""
+    for k in range(8):
+        yield torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, dims=(-2, -1))
+
+
 @functools.lru_cache(maxsize=8)
 def _dihedral_indices(size: int, device: torch.device) -> Tensor:
     """(8, size*size): for symmetry k, the flat source pixel of each flat output pixel."""
     base = torch.arange(size * size, device=device).view(size, size)
-    variants = [torch.rot90(base.flip(-1) if k >= 4 else base, k % 4, dims=(-2, -1)) for k in range(8)]
-    return torch.stack(variants).flatten(1)
+    return torch.stack(list(dihedral_views(base))).flatten(1)
 
 
 def _dihedral(images: Tensor, k: Tensor) -> Tensor:

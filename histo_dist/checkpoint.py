@@ -1,32 +1,42 @@
-"""Checkpoints: atomic, checksummed, pruned, and loaded without executing code.
+"""Checkpoints: the one module that writes, validates and reads them, for training and inference.
 
 A checkpoint is one file `checkpoints/step-00001234.pt` holding plain containers of tensors and
 numbers (loadable with `torch.load(weights_only=True)`, which never runs code from the file), plus
-a `.sha256` file next to it. Both are written under temp names and renamed, data first: a
+a `.sha256` file next to it. Both are written atomically (`files.atomic_open`), data first: a
 checkpoint counts as valid only when its checksum file exists and matches, so one cut short by a
 kill or a full disk is never taken for complete. `resume=auto` takes the newest valid checkpoint
 and names, with a warning, each newer one it skips.
 
 Kept: the last `keep_last` checkpoints plus `best.pt` (a copy of the best by the validation metric).
+
+The format (`FORMAT`): a dict with `step`, `model` (the unwrapped model's state dict), `config` (the
+run's resolved config), `num_classes`, `label_names`, `image_shape`, and for resuming `optimizer`,
+`scheduler`, `loader`, `best`, `evals_without_improvement`, `skipped_samples`, optionally `ema`
+(torch's AveragedModel state) and `scaler`. `read_training_checkpoint` checks it and names the file;
+`model_weights` picks the model's or the EMA weights out of it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import atomic_open, sha256_file
 
 log = logging.getLogger(__name__)
+FORMAT = "histo-dist-checkpoint-1"
+REQUIRED_KEYS = ("model", "config", "num_classes")
+"""What inference needs; a training resume also needs what `Trainer.load` reads."""
 STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes that wrappers add: DistributedDataParallel and AveragedModel (module.), torch.compile (_orig_mod.)."""
 
 
 class CheckpointError(HistoDistError):
@@ -36,7 +46,7 @@ class CheckpointError(HistoDistError):
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0
-    """Save every N optimizer steps (0: only at the end of each epoch)."""
+    """Save every N optimizer steps (0: only at the end of each epoch and after each validation)."""
     keep_last: int = 2
     """How many of the newest step checkpoints to keep (the best one is kept besides)."""
     resume: str = "auto"
@@ -52,14 +62,6 @@ class CheckpointConfig:
         return problems
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _os_error(e: BaseException) -> OSError | None:
     """The OSError behind `e`: torch.save reports a failed write (full disk, file size limit) as a
     RuntimeError raised while handling the OSError of the file object."""
@@ -68,16 +70,11 @@ def _os_error(e: BaseException) -> OSError | None:
     return e
 
 
-def _write_then_rename(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write(path: Path, write: Callable) -> None:
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(path, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         error = _os_error(e)
         if error is None:
             raise
@@ -87,11 +84,18 @@ def _write_then_rename(path: Path, write) -> None:
 
 
 class Checkpointer:
-    """Saves and finds checkpoints in `folder`. Only the main process should call `save`."""
+    """Decides when to save, saves, and finds checkpoints in `folder`. Only the main process saves."""
 
     def __init__(self, folder: str | Path, cfg: CheckpointConfig):
         self.folder = Path(folder)
         self.cfg = cfg
+        self.last_saved_step: int | None = None
+
+    def due(self, step: int, *, end_of_epoch: bool = False, validated: bool = False, last_step: bool = False) -> bool:
+        """Whether the checkpoint of `step` should be written: after every validation (it may be the new
+        best), at the end of every epoch and of the run, and every `every_steps` steps."""
+        every = self.cfg.every_steps
+        return validated or end_of_epoch or last_step or bool(every and step % every == 0)
 
     def path_for(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.pt"
@@ -100,19 +104,21 @@ class Checkpointer:
         """Write the checkpoint of `step` (and best.pt), then prune old ones. Errors name the file."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path_for(step)
+        state = {"format": FORMAT, **state}
         try:
-            _write_then_rename(path, lambda f: torch.save(state, f))
-            digest = _sha256(path)
-            _write_then_rename(path.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+            _write(path, lambda f: torch.save(state, f))
+            digest = sha256_file(path)
+            _write(path.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
             if is_best:
                 best = self.folder / "best.pt"
-                _write_then_rename(best, lambda f: f.write(path.read_bytes()))
-                _write_then_rename(best.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  best.pt\n".encode()))
-        except OSError as e:
+                _write(best, lambda f: f.write(path.read_bytes()))
+                _write(best.with_suffix(".pt.sha256"), lambda f: f.write(f"{digest}  best.pt\n".encode()))
+        except OSError as e:  # reading the checkpoint back for its checksum or the best copy
             raise CheckpointError(
                 f"{path}: cannot write checkpoint ({e.strerror or e}); the previous checkpoints are untouched"
             ) from None
         self._prune()
+        self.last_saved_step = step
         return path
 
     def _prune(self) -> None:
@@ -131,7 +137,7 @@ class Checkpointer:
         if not sums.exists():
             return False, "no checksum file (it was cut short while being written)"
         expected = sums.read_text().split()[0] if sums.read_text().strip() else ""
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             return False, "checksum mismatch (truncated or corrupted on disk)"
         return True, ""
 
@@ -177,3 +183,39 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except Exception as e:  # unpickling errors, truncation, refused globals
         raise CheckpointError(f"{path}: not a loadable histo-dist checkpoint ({type(e).__name__}: {e})") from None
+
+
+def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """`load_checkpoint`, checked to be one the trainer wrote; every problem names the file."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a histo-dist training checkpoint (a {type(state).__name__}, not a dict)")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a histo-dist training checkpoint: no {', '.join(repr(k) for k in missing)} "
+            f"(it has {', '.join(map(repr, list(state)[:8])) or 'nothing'}); pass RUN/checkpoints/best.pt or a step-*.pt file"
+        )
+    return state
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
+    """Keys without the prefixes wrappers add (repeatedly: a compiled model inside DDP has both)."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(prefixes):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def model_weights(state: dict[str, Any], which: Literal["auto", "model", "ema"], path: str | Path) -> tuple[dict, str]:
+    """(state dict of the plain model, 'model' or 'ema'): 'auto' takes the EMA average when the run kept one."""
+    if which == "auto":
+        which = "ema" if state.get("ema") is not None else "model"
+    if which == "ema":
+        if state.get("ema") is None:
+            raise CheckpointError(f"{path}: has no EMA weights (the run had train.ema_decay=0); use --weights model")
+        return strip_prefixes({k: v for k, v in state["ema"].items() if k != "n_averaged"}), "ema"
+    return strip_prefixes(state["model"]), "model"

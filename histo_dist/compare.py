@@ -3,7 +3,7 @@
     histo-dist compare EVAL_A/ EVAL_B/metrics.json RUN_C/ [--format markdown|csv]
 
 Each argument is a metrics.json written by `histo-dist evaluate`, a folder holding one, or a run
-folder (its test_metrics.json, written at the end of training). An evaluation with TTA adds a
+folder (its test/metrics.json, the evaluation of its best checkpoint at the end of training). An evaluation with TTA adds a
 second column (`NAME +TTA`). The best value of each metric is marked with `*` (lowest for NLL and
 ECE); `-` is a metric that evaluation does not have. AUROC and accuracy show their 95% bootstrap
 interval when one was computed.
@@ -35,10 +35,10 @@ def find_metrics(location: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        for name in ("metrics.json", "test_metrics.json"):
+        for name in ("metrics.json", "test/metrics.json"):
             if (path / name).is_file():
                 return path / name
-        raise CompareError(f"{path}: holds neither metrics.json (histo-dist evaluate) nor test_metrics.json (a training run)")
+        raise CompareError(f"{path}: holds neither metrics.json (histo-dist evaluate) nor test/metrics.json (a training run)")
     raise CompareError(f"{path}: no such file or folder")
 
 
@@ -53,9 +53,11 @@ def load_evaluation(location: str | Path) -> dict[str, Any]:
     return data
 
 
-def _names(paths: list[Path]) -> list[str]:
-    """Short, distinct column names: the folder of each metrics file, with more of the path if needed."""
-    parts = [p.resolve().parent.parts for p in paths]
+def _names(locations: list[str]) -> list[str]:
+    """Short, distinct column names: each folder given (or the folder of each file given), with more
+    of the path if needed."""
+    paths = [Path(loc) for loc in locations]
+    parts = [(p.resolve().parent if p.is_file() else p.resolve()).parts for p in paths]
     depth = 1
     while depth < max(len(p) for p in parts):
         names = ["/".join(p[-depth:]) for p in parts]
@@ -66,9 +68,8 @@ def _names(paths: list[Path]) -> list[str]:
 
 
 def columns(locations: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    paths = [find_metrics(loc) for loc in locations]
     out = []
-    for name, loc in zip(_names(paths), locations):
+    for name, loc in zip(_names(locations), locations):
         data = load_evaluation(loc)
         out.append((name, data))
         if isinstance(data.get("tta"), dict):

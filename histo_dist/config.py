@@ -33,6 +33,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 import yaml
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import write_atomic
 
 T = TypeVar("T")
 
@@ -326,7 +327,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +352,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, required
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if origin in (Union, types.UnionType) and len(args) == 1:
             tp, origin = args[0], typing.get_origin(args[0])
-        if tp is bool:
+        if origin in (Union, types.UnionType):  # e.g. float | str: the dataclass's conversion decides
+            kwargs["type"] = str
+            kwargs["metavar"] = "VALUE"
+        elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
@@ -371,3 +375,35 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, source: str = "command 
     """Build `cls` from the flags that `add_dataclass_arguments` added (validated as usual)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return from_dict(cls, {k: v for k, v in vars(ns).items() if k in names}, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option, as `--help-config` shows it
+
+
+def describe_config(cls: type, section: str | None = None) -> str:
+    """Every field of config dataclass `cls` (or of one of its sections) as text: the dotted name,
+    type and default on one line, the field's docstring below. Raises ConfigError for an unknown section."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if section is not None and section not in fields:
+        close = difflib.get_close_matches(section, list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError([f"{section}: no such section{hint}; sections: {', '.join(fields)}"], "--help-config")
+    lines: list[str] = []
+
+    def walk(klass: type, instance: Any, prefix: str) -> None:
+        docs, hints = field_docs(klass), typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            name, value = f"{prefix}{f.name}", getattr(instance, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                if section is None or prefix or f.name == section:
+                    lines.append(f"\n{name}:")
+                    walk(hints[f.name], value, f"{name}.")
+                continue
+            default = yaml.safe_dump(_as_data(value), default_flow_style=True).strip().removesuffix("\n...")
+            lines.append(f"  {name}: {_type_name(hints[f.name])} = {default}")
+            for line in textwrap.wrap(docs.get(f.name, ""), 96):
+                lines.append(f"      {line}")
+
+    walk(cls, cls(), "")
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -29,6 +29,7 @@ import numpy as np
 from histo_dist import __version__
 from histo_dist.config import add_dataclass_arguments, from_namespace
 from histo_dist.errors import HistoDistError
+from histo_dist.files import sha256_file, write_atomic
 from histo_dist.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -37,7 +38,6 @@ from histo_dist.manifest import (
     SplitInfo,
     sample_key,
     shard_name,
-    write_atomic,
 )
 from histo_dist.sources import Source, SplitSource, detect_format, open_imagefolder, open_kaggle, open_pcam, remove_files
 
@@ -173,7 +173,6 @@ def _write_job(job: ShardJob, output: str, codec: str, num_classes: int, jpeg_qu
 def _existing_shard_info(path: Path, num_classes: int) -> ShardInfo:
     """Info of a complete shard left by an interrupted run (hash and label counts re-read)."""
     from histo_dist.shards import iter_raw_samples
-    from histo_dist.sources import sha256_file
 
     counts = np.zeros(num_classes, dtype=np.int64)
     n = 0
@@ -226,8 +225,34 @@ def resumable_shards(out: Path, fingerprint: dict, overwrite: bool) -> set[str]:
     return tars & set(fingerprint["shards"])
 
 
-def convert(cfg: ConvertConfig) -> Manifest | None:
-    """Convert; returns the manifest (None with --part: a part writes shards only)."""
+@dataclass
+class ConvertReport:
+    """What a conversion did, for its summary line."""
+
+    out: Path
+    manifest: Manifest | None
+    """None for one --part of an array job: a part writes shards only."""
+    shards: int
+    """Shards of the whole conversion."""
+    complete: int
+    """Of them, complete after this call (this part's with --part)."""
+    written: int
+    """Written by this call (the others were kept from an interrupted run)."""
+    images: int
+    seconds: float
+
+    def summary(self, part: tuple[int, int] | None) -> str:
+        if self.manifest is None:
+            return (f"part {part[0]}/{part[1]}: {self.complete} of {self.shards} shards complete in {self.out} "
+                    f"({self.written} written now); run the same command without --part to write the manifest")
+        shard_bytes = sum(s.bytes for sp in self.manifest.splits.values() for s in sp.shards)
+        return (f"converted {self.images} images in {self.seconds:.1f} s ({self.images / self.seconds:.0f} img/s), "
+                f"{self.shards} shards, {shard_bytes / max(self.images, 1):.0f} bytes/image ({self.manifest.codec}) "
+                f"-> {self.out / MANIFEST_NAME}")
+
+
+def convert(cfg: ConvertConfig) -> ConvertReport:
+    """Convert (with --part: write this part's shards only, no manifest)."""
     in_root = Path(cfg.input)
     if not in_root.is_dir():
         raise HistoDistError(f"--input {in_root}: not a folder")
@@ -252,7 +277,7 @@ def convert(cfg: ConvertConfig) -> Manifest | None:
         remove_files([work_dir, *source.cleanup])
 
 
-def _convert_source(cfg: ConvertConfig, source: Source, in_root: Path, out: Path, kind: str, t0: float) -> Manifest | None:
+def _convert_source(cfg: ConvertConfig, source: Source, in_root: Path, out: Path, kind: str, t0: float) -> ConvertReport:
     from tqdm import tqdm
 
     num_classes = len(source.label_names)
@@ -297,9 +322,7 @@ def _convert_source(cfg: ConvertConfig, source: Source, in_root: Path, out: Path
                 raise
     bar.close()
     if part is not None:
-        print(f"part {part[0]}/{part[1]}: {len(mine)} of {len(jobs)} shards complete in {out} ({len(todo)} written now); "
-              "run the same command without --part to write the manifest")
-        return None
+        return ConvertReport(out, None, len(jobs), len(mine), len(todo), total, time.perf_counter() - t0)
 
     splits = {}
     for name, split in source.splits.items():
@@ -323,13 +346,7 @@ def _convert_source(cfg: ConvertConfig, source: Source, in_root: Path, out: Path
     manifest.save(out)  # last: only now does the folder claim to hold a dataset
     remove_files([out / PLAN_NAME, out / WORK_DIR, *out.glob(f"{WORK_DIR}-part*"), *source.cleanup])
 
-    seconds = time.perf_counter() - t0
-    shard_bytes = sum(s.bytes for sp in splits.values() for s in sp.shards)
-    print(
-        f"converted {total} images in {seconds:.1f} s ({total / seconds:.0f} img/s), {len(jobs)} shards, "
-        f"{shard_bytes / max(total, 1):.0f} bytes/image ({cfg.codec}) -> {out / MANIFEST_NAME}"
-    )
-    return manifest
+    return ConvertReport(out, manifest, len(jobs), len(jobs), len(todo), total, time.perf_counter() - t0)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -337,5 +354,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    convert(from_namespace(ConvertConfig, args))
+    cfg = from_namespace(ConvertConfig, args)
+    print(convert(cfg).summary(cfg.part_slice if cfg.part else None))
     return 0

@@ -1,38 +1,42 @@
-"""Running a trained checkpoint: loading it, preparing images the way training did, and TTA.
+"""A trained model as evaluation and prediction use it: weights, input contract, TTA.
 
-Shared by `histo-dist evaluate` and `histo-dist predict`, so the same image gives the same
-probability whichever command and input format it came through.
+`InferenceModel` is a classifier together with what feeding it takes: the normalisation it was
+trained with, its patch size and memory format. The trainer wraps its live model in one for
+validation and test; `load_inference_model(path)` rebuilds one from a checkpoint for `evaluate`
+and `predict`. Both then go through the same `inputs()` and `probabilities()`, so the same image
+gives the same probability whichever command and input format it came through.
 
-- `load_model(path)` rebuilds the network from the checkpoint's own config (architecture, number
-  of classes, normalisation) and loads its weights: the EMA weights when the run kept an average
-  (that is what training validated and picked the best checkpoint by), else the raw ones. Weights
-  that do not fit the architecture the config names are refused with the keys that differ.
-- `model_input(images, ...)` turns a uint8 (N, 3, H, W) batch into the normalised float input,
-  with the checkpoint's mean/std. Images of another size than the model was trained on are an
-  error unless `resize` is asked for (bilinear, antialiased, rounded back to uint8): never silent.
-- `predict_probs(model, x, tta=True)` also averages the probabilities (not the logits) over the 8
-  symmetries of the square: the identity, 3 rotations by 90 degrees, and each of those mirrored.
+- The checkpoint's own config names the architecture, the number of classes and the
+  normalisation; its EMA weights are taken when the run kept an average (that is what training
+  validated and picked the best checkpoint by), else the raw ones.
+- `inputs(images)` turns a uint8 (N, 3, H, W) batch into the normalised float input. Images of
+  another size than the model was trained on are an error unless `resize` is asked for (bilinear,
+  antialiased, rounded back to uint8): never silent.
+- `probabilities(x, tta=True)` also averages the probabilities (not the logits) over the 8
+  symmetries of the square (`augment.dihedral_views`).
 
 Binary models have one logit (probability of class 1 = sigmoid); others one per class (softmax).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histo_dist.checkpoint import CheckpointError, load_checkpoint
+from histo_dist.augment import AugmentConfig, dihedral_views, normalize_only
+from histo_dist.checkpoint import CheckpointError, model_weights, read_training_checkpoint
 from histo_dist.errors import HistoDistError
 
 log = logging.getLogger(__name__)
-
-TTA_VIEWS = 8
 
 
 class DataMismatchError(HistoDistError):
@@ -40,137 +44,167 @@ class DataMismatchError(HistoDistError):
 
 
 @dataclass
-class LoadedModel:
+class InferenceOptions:
+    """What `histo-dist evaluate` and `histo-dist predict` share: the checkpoint and how to run it."""
+
+    checkpoint: str = ""
+    """Checkpoint file, e.g. RUN/checkpoints/best.pt (its run's metrics.jsonl gives evaluate's learning curves)."""
+    weights: Literal["auto", "model", "ema"] = "auto"
+    """Which weights of the checkpoint: 'auto' takes the EMA average when the run kept one, else the model's."""
+    batch_size: int = 256
+    """Images per forward pass on each rank (TTA runs 8 passes per batch)."""
+    num_workers: int = 1
+    """Loader worker processes per rank for shard input (0 reads in the main process)."""
+    resize: bool = False
+    """Resize images of another size than the model was trained on (bilinear, antialiased); without it they are an error."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision of the forward passes."""
+    cpu: bool = False
+    """Run on the CPU even when a GPU is present."""
+    progress: bool = True
+    """Show a progress bar (on rank 0)."""
+
+    def validate(self) -> list[str]:
+        problems = [] if self.checkpoint else ["checkpoint: required"]
+        if self.batch_size < 1:
+            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers: must be >= 0, got {self.num_workers}")
+        return problems
+
+    def loader_config(self):
+        """The loader settings for reading shards with these options."""
+        from histo_dist.loader import LoaderConfig
+
+        return LoaderConfig(eval_batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+@dataclass
+class InferenceModel:
     model: nn.Module
-    config: Any
-    """The run's ExperimentConfig (rebuilt from the checkpoint)."""
+    """The classifier, in eval mode for inference."""
     num_classes: int
     label_names: tuple[str, ...]
     image_shape: tuple[int, int, int]
     """(H, W, C) of the patches the model was trained on."""
-    weights: str
-    """'ema' or 'model': which weights of the checkpoint were loaded."""
-    path: Path
+    augment: AugmentConfig
+    """The run's augmentation section: its normalisation is applied to every input."""
+    channels_last: bool
+    model_name: str
+    weights: str = "model"
+    """'ema' or 'model': which weights these are."""
+    path: Path | None = None
+    """The checkpoint they came from, if any."""
     step: int | None = None
 
     @property
     def binary(self) -> bool:
         return self.num_classes == 2
 
-    @property
-    def channels_last(self) -> bool:
-        return bool(self.config.train.channels_last)
-
-    def to(self, device: torch.device | str) -> "LoadedModel":
+    def to(self, device: torch.device | str) -> InferenceModel:
         self.model.to(device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         return self
 
+    def inputs(self, images: torch.Tensor, resize: bool = False, where: str = "input") -> torch.Tensor:
+        """uint8 (N, 3, H, W) on any device -> the normalised float32 batch the model takes."""
+        check_size(self, images.shape[-2], images.shape[-1], where, resize)
+        images = resize_uint8(images, tuple(self.image_shape[:2]))
+        x = normalize_only(images.contiguous(), self.augment)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-def _strip_prefixes(state: dict[str, torch.Tensor], prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out[key] = value
-    return out
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(probabilities of the plain batch, their mean over the 8 symmetric views or None).
+
+        Binary: (N,) probabilities of class 1; multi-class: (N, K). TTA averages probabilities,
+        view by view in a fixed order (the result does not depend on the batch composition)."""
+        self.model.eval()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        plain, total = None, None
+        for view in dihedral_views(x) if tta else [x]:
+            probs = logits_to_probs(self.model(view.contiguous(memory_format=fmt)), self.num_classes)
+            if plain is None:
+                plain, total = probs, probs.clone()
+            else:
+                total += probs
+        return plain, (total / 8 if tta else None)
 
 
-def _describe(keys: list[str], limit: int = 3) -> str:
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+def autocast(device: torch.device, mixed_precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of autocast contexts for `mixed_precision` ('no', 'fp16', 'bf16') on `device`."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def load_model(path: str | Path, weights: Literal["auto", "model", "ema"] = "auto") -> LoadedModel:
+def logits_to_probs(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    logits = logits.float()
+    return torch.sigmoid(logits.reshape(-1)) if num_classes == 2 else torch.softmax(logits, dim=1)
+
+
+def load_inference_model(path: str | Path, weights: Literal["auto", "model", "ema"] = "auto") -> InferenceModel:
     """The checkpoint's model on the CPU in eval mode; every problem names the file."""
     from histo_dist.config import ConfigError, from_dict
-    from histo_dist.models import num_outputs
-    from histo_dist.train import ExperimentConfig
+    from histo_dist.experiment import ExperimentConfig
+    from histo_dist.models import build_model, describe_mismatch, num_outputs
 
     path = Path(path)
-    state = load_checkpoint(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a histo-dist training checkpoint (a {type(state).__name__}, not a dict)")
-    missing = [k for k in ("model", "config", "num_classes") if k not in state]
-    if missing:
-        raise CheckpointError(
-            f"{path}: not a histo-dist training checkpoint: no {', '.join(repr(k) for k in missing)} "
-            f"(it has {', '.join(map(repr, list(state)[:8])) or 'nothing'}); pass RUN/checkpoints/best.pt or a step-*.pt file"
-        )
+    state = read_training_checkpoint(path)
     try:
         cfg = from_dict(ExperimentConfig, state["config"], f"config stored in {path}")
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config is not readable by this version: {e}") from None
     num_classes = int(state["num_classes"])
-    label_names = tuple(state.get("label_names") or (str(i) for i in range(num_classes)))
-    image_shape = tuple(int(v) for v in state.get("image_shape") or (96, 96, 3))
-    if weights == "auto":
-        weights = "ema" if state.get("ema") is not None else "model"
-    if weights == "ema":
-        if state.get("ema") is None:
-            raise CheckpointError(f"{path}: has no EMA weights (the run had train.ema_decay=0); use --weights model")
-        weight_state = {k: v for k, v in state["ema"].items() if k != "n_averaged"}
-        weight_state = _strip_prefixes(weight_state, ("module.", "_orig_mod."))
-    else:
-        weight_state = _strip_prefixes(state["model"], ("_orig_mod.", "module."))
-
-    model = _build_without_pretrained(cfg, num_classes)
-    expected = model.state_dict()
-    absent = [k for k in expected if k not in weight_state]
-    extra = [k for k in weight_state if k not in expected]
-    reshaped = [f"{k} (checkpoint {tuple(weight_state[k].shape)}, model {tuple(v.shape)})"
-                for k, v in expected.items() if k in weight_state and weight_state[k].shape != v.shape]
-    if absent or extra or reshaped:
-        parts = []
-        if absent:
-            parts.append(f"{len(absent)} tensor(s) missing ({_describe(absent)})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected ({_describe(extra)})")
-        if reshaped:
-            parts.append(f"{len(reshaped)} of another shape ({_describe(reshaped, 2)})")
+    weight_state, weights = model_weights(state, weights, path)
+    # The architecture alone: the checkpoint holds every weight, so the pretrained file (which may
+    # not exist on this machine) is not needed.
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None, freeze="none"), num_classes)
+    mismatch = describe_mismatch(model.state_dict(), weight_state)
+    if mismatch:
         raise CheckpointError(
             f"{path}: its {weights} weights do not fit model.name={cfg.model.name} with {num_outputs(num_classes)} "
-            f"output(s) for {num_classes} classes, as its config says: {'; '.join(parts)}. "
+            f"output(s) for {num_classes} classes, as its config says: {mismatch}. "
             "The weights come from another architecture or number of classes than the stored config"
         )
     model.load_state_dict(weight_state)
     model.eval()
     step = state.get("step")
     log.info("loaded %s (%s, %d classes, %s weights, step %s)", path, cfg.model.name, num_classes, weights, step)
-    return LoadedModel(model, cfg, num_classes, label_names, image_shape, weights, path, None if step is None else int(step))
+    return InferenceModel(
+        model=model,
+        num_classes=num_classes,
+        label_names=tuple(state.get("label_names") or (str(i) for i in range(num_classes))),
+        image_shape=tuple(int(v) for v in state.get("image_shape") or (96, 96, 3)),
+        augment=cfg.augment,
+        channels_last=cfg.train.channels_last,
+        model_name=cfg.model.name,
+        weights=weights,
+        path=path,
+        step=None if step is None else int(step),
+    )
 
 
-def _build_without_pretrained(cfg, num_classes: int) -> nn.Module:
-    """The architecture alone: the checkpoint holds every weight, so the pretrained file (which may
-    not exist on this machine) is not needed."""
-    import dataclasses
-
-    from histo_dist.models import build_model
-
-    return build_model(dataclasses.replace(cfg.model, pretrained=None, freeze="none"), num_classes)
-
-
-def check_classes(loaded: LoadedModel, num_classes: int, label_names: Sequence[str], where: str) -> None:
+def check_classes(model: InferenceModel, num_classes: int, label_names: Sequence[str], where: str) -> None:
     """Refuse data whose labels the model cannot speak about."""
-    if num_classes != loaded.num_classes:
+    if num_classes != model.num_classes:
         raise DataMismatchError(
-            f"{loaded.path} was trained for {loaded.num_classes} classes ({', '.join(loaded.label_names)}), "
+            f"{model.path} was trained for {model.num_classes} classes ({', '.join(model.label_names)}), "
             f"but {where} has {num_classes} ({', '.join(label_names)}): evaluate a checkpoint trained on this kind of data"
         )
-    if tuple(label_names) != tuple(loaded.label_names):
+    if tuple(label_names) != tuple(model.label_names):
         log.warning("label names differ: checkpoint %s, data %s (taken as the same classes, in this order)",
-                    ", ".join(loaded.label_names), ", ".join(label_names))
+                    ", ".join(model.label_names), ", ".join(label_names))
 
 
-def check_size(loaded: LoadedModel, height: int, width: int, where: str, resize: bool) -> None:
-    h, w = loaded.image_shape[:2]
+def check_size(model: InferenceModel, height: int, width: int, where: str, resize: bool) -> None:
+    h, w = model.image_shape[:2]
     if (height, width) != (h, w) and not resize:
+        trained = model.path.name if model.path else "the model"
         raise DataMismatchError(
-            f"{where}: images are {width}x{height} pixels, but {loaded.path.name} was trained on {w}x{h} patches; "
+            f"{where}: images are {width}x{height} pixels, but {trained} was trained on {w}x{h} patches; "
             f"pass --resize to resize them to {w}x{h} (bilinear, antialiased), or give patches of that size"
         )
 
@@ -181,47 +215,3 @@ def resize_uint8(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return images
     x = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def model_input(images: torch.Tensor, loaded: LoadedModel, resize: bool = False, where: str = "input") -> torch.Tensor:
-    """uint8 (N, 3, H, W) on any device -> the normalised float32 batch the model takes."""
-    from histo_dist.augment import normalize_only
-
-    check_size(loaded, images.shape[-2], images.shape[-1], where, resize)
-    images = resize_uint8(images, tuple(loaded.image_shape[:2]))
-    x = normalize_only(images.contiguous(), loaded.config.augment)
-    if loaded.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The 8 symmetries of the square applied to (N, C, H, W): rotations by 0/90/180/270 degrees,
-    each also mirrored left-right. The identity comes first."""
-    for k in range(4):
-        rotated = torch.rot90(x, k, dims=(-2, -1))
-        yield rotated
-        yield rotated.flip(-1)
-
-
-def logits_to_probs(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    logits = logits.float()
-    return torch.sigmoid(logits.reshape(-1)) if num_classes == 2 else torch.softmax(logits, dim=1)
-
-
-@torch.no_grad()
-def predict_probs(model: nn.Module, x: torch.Tensor, num_classes: int, tta: bool = False,
-                  channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(probabilities of the plain batch, their mean over the 8 symmetric views or None).
-
-    Binary: (N,) probabilities of class 1; multi-class: (N, K). TTA averages probabilities,
-    view by view in a fixed order (the result does not depend on the batch composition)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    plain, total = None, None
-    for view in (dihedral_views(x) if tta else [x]):
-        probs = logits_to_probs(model(view.contiguous(memory_format=fmt)), num_classes)
-        if plain is None:
-            plain, total = probs, probs.clone()
-        else:
-            total += probs
-    return plain, (total / TTA_VIEWS if tta else None)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -50,6 +49,7 @@ import torch
 
 from histo_dist.errors import HistoDistError
 from histo_dist.manifest import Manifest
+from histo_dist.preemption import ignore_in_worker, start_with_signals_blocked
 from histo_dist.shards import ShardError, ShardIndex, decode_image, index_shard, load_shard, npy_header
 
 log = logging.getLogger(__name__)
@@ -410,30 +410,6 @@ class _OpenShard:
             raise ShardError(f"{self.index.name}: sample {key!r}: cannot decode ({e})") from None
 
 
-_PREEMPTION_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
-
-
-def _ignore_preemption_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints on them.
-    (SLURM signals every process of a step; torch's default would kill the workers first, and the
-    training process would crash instead of checkpointing.) Workers still exit with their parent."""
-    for signum in _PREEMPTION_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)  # (also discards one that arrived while blocked)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PREEMPTION_SIGNALS)
-
-
-def _start_workers(loader: torch.utils.data.DataLoader) -> Iterator:
-    """Start the loader's workers with SIGTERM/SIGUSR1 blocked: a worker inherits the mask, so one
-    of these signals arriving before it has run `_ignore_preemption_signals` waits instead of killing
-    it through torch's worker handler (SLURM signals every process of the step, new workers included).
-    In the training process the signal is delivered when the mask is lifted, a moment later."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _PREEMPTION_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     """Batches are complete when a worker yields them (DataLoader's default would walk every key)."""
     return batch
@@ -536,11 +512,12 @@ class ShardLoader:
         stream = _EpochStream(self, self.epoch, self.batch, self.num_workers)
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-            worker_init_fn=_ignore_preemption_signals if self.num_workers else None,
+            worker_init_fn=ignore_in_worker if self.num_workers else None,
             prefetch_factor=self.cfg.prefetch_factor if self.num_workers else None,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
         )
-        for batch in _start_workers(loader) if self.num_workers else loader:
+        # Workers are forked with the preemption signals blocked (see preemption.py).
+        for batch in start_with_signals_blocked(lambda: iter(loader)) if self.num_workers else loader:
             if isinstance(batch, _WorkerError):
                 raise ShardError(batch.message)
             self.batch += 1

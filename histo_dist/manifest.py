@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import write_atomic
 
 FORMAT_NAME = "histo-dist-shards"
 FORMAT_VERSION = 1
@@ -179,21 +178,3 @@ class Manifest:
             format_version=data["format_version"],
             root=root,
         )
-
-
-def write_atomic(path: str | Path, payload: bytes) -> None:
-    """Write bytes to `path` via a temp file in the same folder, fsync, and rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from histo_dist.checkpoint import WRAPPER_PREFIXES, strip_prefixes
 from histo_dist.config import ConfigError
 from histo_dist.errors import HistoDistError
 
@@ -307,8 +308,12 @@ def _load_backbone(net: nn.Module, name: str, pretrained: str) -> None:
             )
     head = ARCHITECTURES[name].head + "."
     state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(head)}
-    _check_fits(net, name, state, path)
-    net.load_state_dict(state, strict=False)  # _check_fits was strict on the backbone; the head is new
+    expected = {k: v for k, v in net.state_dict().items() if not k.startswith(head)}
+    # Files written before BatchNorm counted its batches lack num_batches_tracked; it only matters for momentum=None.
+    mismatch = describe_mismatch(expected, state, optional=lambda k: k.endswith("num_batches_tracked"))
+    if mismatch:
+        raise ModelError(f"weights file {path} does not fit the {name} backbone: {mismatch}")
+    net.load_state_dict(state, strict=False)  # strict on the backbone above; the head is new
     log.info("model %s: backbone weights loaded from %s", name, path)
 
 
@@ -328,7 +333,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict):
         raise ModelError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    return {_plain_key(k): v for k, v in state.items()}
+    # Training checkpoints hold our Classifier (net.), maybe once wrapped (module., _orig_mod.).
+    state = strip_prefixes(state, (*WRAPPER_PREFIXES, "net."))
+    return {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
 
 
 # Old torchvision DenseNet files spell `denselayer1.norm1.weight` as `denselayer1.norm.1.weight`
@@ -336,29 +343,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 _OLD_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
-# Prefixes that wrappers add: DistributedDataParallel, torch.compile, and this module's Classifier.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
 
 
-def _plain_key(key: str) -> str:
-    while key.startswith(_WRAPPER_PREFIXES):
-        key = key.split(".", 1)[1]
-    return _OLD_DENSENET_KEY.sub(r"\1\2", key)
-
-
-def _check_fits(net: nn.Module, name: str, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Raise ModelError unless `state` has exactly the keys and shapes of `net` without its head."""
-    head = ARCHITECTURES[name].head + "."
-    expected = {k: v for k, v in net.state_dict().items() if not k.startswith(head)}
-    # Files written before BatchNorm counted its batches lack num_batches_tracked; it only matters for momentum=None.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                      optional: Callable[[str], bool] = lambda key: False) -> str:
+    """What keeps `state` from loading into a module whose state dict is `expected` ('' when it fits):
+    missing keys (other than `optional` ones), unexpected keys, and shapes that differ."""
+    missing = [k for k in expected if k not in state and not optional(k)]
     unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     found = [(what, keys) for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
-    if found:
-        details = "; ".join(f"{what} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" for what, keys in found)
-        raise ModelError(f"weights file {path} does not fit the {name} backbone: {details}")
+    return "; ".join(f"{what} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" for what, keys in found)

@@ -214,3 +214,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total
         min_lrs = [group["lr"] * cfg.min_lr_ratio for group in optimizer.param_groups]
         return ReduceLROnPlateau(optimizer, mode=cfg.mode, factor=cfg.factor, patience=cfg.patience, min_lr=min_lrs)
     return LambdaLR(optimizer, functools.partial(lr_factor, cfg, total_steps))
+
+
+class LRSchedule:
+    """The schedule as the trainer drives it: stepped after every optimizer step, or, for plateau,
+    after every validation with the monitored metric. Its state is the scheduler's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+        self.scheduler = build_scheduler(optimizer, cfg, total_steps)
+        self.per_validation = cfg.name == "plateau"
+
+    def after_optimizer_step(self) -> None:
+        if not self.per_validation:
+            self.scheduler.step()
+
+    def after_validation(self, metric: float) -> None:
+        if self.per_validation:
+            self.scheduler.step(metric)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from histo_dist.files import atomic_path
+
 
 def _figure():
     import matplotlib
@@ -17,65 +19,8 @@ def _figure():
     return plt
 
 
-def roc_plot(probs: torch.Tensor, labels: torch.Tensor, path: Path, auroc: float | None = None) -> Path:
-    """ROC curve of a binary classifier (probs = P(positive))."""
-    from torchmetrics.functional.classification import binary_roc
-
-    plt = _figure()
-    fpr, tpr, _ = binary_roc(probs.float(), labels.long())
-    fig, ax = plt.subplots(figsize=(5, 5))
-    label = f"model (AUROC {auroc:.3f})" if auroc is not None else "model"
-    ax.plot(fpr.numpy(), tpr.numpy(), lw=2, label=label)
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
-    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
-           title=f"ROC curve ({len(labels)} patches)", xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def confusion_plot(probs: torch.Tensor, labels: torch.Tensor, label_names: Sequence[str], path: Path,
-                   threshold: float = 0.5) -> Path:
-    """Confusion matrix with counts and row percentages."""
-    from torchmetrics.functional.classification import binary_confusion_matrix, multiclass_confusion_matrix
-
-    plt = _figure()
-    if probs.ndim == 1:
-        matrix = binary_confusion_matrix(probs.float(), labels.long(), threshold=threshold)
-    else:
-        matrix = multiclass_confusion_matrix(probs.float(), labels.long(), num_classes=probs.shape[1])
-    matrix = matrix.numpy()
-    n = len(label_names)
-    fig, ax = plt.subplots(figsize=(1.6 * n + 2.5, 1.6 * n + 2))
-    ax.imshow(matrix, cmap="Blues")
-    rows = matrix.sum(axis=1, keepdims=True).clip(min=1)
-    for i in range(n):
-        for j in range(n):
-            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
-            ax.text(j, i, f"{matrix[i, j]}\n{100 * matrix[i, j] / rows[i, 0]:.1f}%", ha="center", va="center", color=color)
-    ax.set_xticks(range(n), label_names)
-    ax.set_yticks(range(n), label_names)
-    subtitle = f", threshold {threshold:.2f}" if probs.ndim == 1 else ""
-    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({len(labels)} patches{subtitle})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def save_test_plots(probs: torch.Tensor, labels: torch.Tensor, label_names: Sequence[str], folder: Path,
-                    metrics: dict) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    images = {"test/confusion_matrix": confusion_plot(probs, labels, label_names, folder / "test_confusion_matrix.png")}
-    if probs.ndim == 1:
-        images["test/roc"] = roc_plot(probs, labels, folder / "test_roc.png", metrics.get("auroc"))
-    return images
-
-
 # ---------------------------------------------------------------------------------------------
-# Evaluation plots (histo-dist evaluate). Every figure says what it shows: title with the split
+# Evaluation plots. Every figure says what it shows: title with the split
 # and sample count, labelled axes with units, and the metric in the legend.
 
 PLAIN_STYLE = {"color": "tab:blue", "lw": 2}
@@ -84,7 +29,8 @@ TTA_STYLE = {"color": "tab:orange", "lw": 2, "ls": "--"}
 
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -366,7 +312,8 @@ def error_grid_plot(errors: dict[str, list[dict]], label_names: Sequence[str], p
         fig.text(pos.x0, pos.y1 + (0.2 * caption_lines + 0.12) / fig_h, row_titles.get(kind, kind), fontsize=9.5,
                  fontweight="bold", va="bottom")
     fig.suptitle(title, fontsize=11, y=1 - 0.12 / fig_h, va="top")
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # (no tight_layout: the tiles are placed by hand)
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

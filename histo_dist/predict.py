@@ -12,29 +12,35 @@
 - a shard folder (manifest.json) written by `histo-dist convert`, with --split; key = sample key.
 
 Images must have the size the model was trained on; another size is an error naming the file,
-unless --resize is given (bilinear, antialiased). The CSV has columns key, [label,] probability,
-predicted, predicted_name for binary models (probability = P(second class), e.g. P(tumor),
-predicted = probability >= threshold); multi-class models give the most probable class, its
-probability, and prob_<class> for every class. --tta averages the probabilities over the 8
-symmetries of the square.
+unless --resize is given (bilinear, antialiased). The CSV has the schema of `histo-dist evaluate`'s
+predictions.csv: key, [label,] then for binary models probability (= P(second class), e.g.
+P(tumor)), predicted (probability >= threshold) and predicted_name; multi-class models give the
+most probable class, its name and probability, and prob_<class> for every class. --tta adds the
+same columns with a _tta suffix for the probabilities averaged over the 8 symmetries of the square.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from histo_dist.errors import HistoDistError
-from histo_dist.inference import LoadedModel, check_classes, check_size, load_model, model_input, predict_probs, resize_uint8
+from histo_dist.inference import (
+    InferenceModel,
+    InferenceOptions,
+    autocast,
+    check_classes,
+    check_size,
+    load_inference_model,
+    resize_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,38 +50,21 @@ class InputError(HistoDistError):
 
 
 @dataclass
-class PredictConfig:
-    checkpoint: str = ""
-    """Checkpoint file, e.g. RUN/checkpoints/best.pt."""
+class PredictConfig(InferenceOptions):
     input: str = ""
     """A folder of image files (or one image), a PCam-layout .h5 file (dataset x), or a shard folder (manifest.json)."""
     output: str = ""
     """CSV file to write (one row per image)."""
     split: str = "test"
     """Split to read when --input is a shard folder."""
-    batch_size: int = 256
-    """Images per forward pass."""
-    resize: bool = False
-    """Resize images of another size than the model was trained on (bilinear, antialiased); without it they are an error."""
     tta: bool = False
-    """Average the probabilities over the 8 symmetries of the square (flips x 90-degree rotations)."""
+    """Also give the probabilities averaged over the 8 symmetries of the square (the _tta columns)."""
     threshold: str = "0.5"
     """Binary models: call P(positive) >= threshold positive: a number in (0, 1), or the metrics.json of
-    `histo-dist evaluate` to use the threshold chosen there (its TTA threshold with --tta)."""
-    weights: Literal["auto", "model", "ema"] = "auto"
-    """Which weights of the checkpoint: 'auto' takes the EMA average when the run kept one, else the model's."""
-    num_workers: int = 1
-    """Loader worker processes for shard input."""
-    cpu: bool = False
-    """Run on the CPU even when a GPU is present."""
-    progress: bool = True
-    """Show a progress bar."""
+    `histo-dist evaluate` to use the thresholds chosen there (its TTA one for the _tta columns)."""
 
     def validate(self) -> list[str]:
-        problems = [f"{name}: required" for name in ("checkpoint", "input", "output") if not getattr(self, name)]
-        if self.batch_size < 1:
-            problems.append(f"batch_size: must be >= 1, got {self.batch_size}")
-        return problems
+        return InferenceOptions.validate(self) + [f"{name}: required" for name in ("input", "output") if not getattr(self, name)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,25 +79,25 @@ class Batches:
     batches: Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]
 
 
-def _sized(images: torch.Tensor, loaded: LoadedModel, resize: bool, where: str) -> torch.Tensor:
-    check_size(loaded, images.shape[-2], images.shape[-1], where, resize)
-    return resize_uint8(images, tuple(loaded.image_shape[:2]))
+def _sized(images: torch.Tensor, model: InferenceModel, resize: bool, where: str) -> torch.Tensor:
+    check_size(model, images.shape[-2], images.shape[-1], where, resize)
+    return resize_uint8(images, tuple(model.image_shape[:2]))
 
 
-def open_input(cfg: PredictConfig, loaded: LoadedModel) -> Batches:
+def open_input(cfg: PredictConfig, model: InferenceModel) -> Batches:
     path = Path(cfg.input)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir() and (path / "manifest.json").exists() or path.name == "manifest.json":
-        return _shards(path if path.is_dir() else path.parent, cfg, loaded)
+        return _shards(path if path.is_dir() else path.parent, cfg, model)
     if path.suffix == ".gz":
         raise InputError(f"{path}: compressed; decompress it first (gunzip -k {path})")
     if path.suffix in (".h5", ".hdf5"):
-        return _h5(path, cfg, loaded)
-    return _images(path, cfg, loaded)
+        return _h5(path, cfg, model)
+    return _images(path, cfg, model)
 
 
-def _images(path: Path, cfg: PredictConfig, loaded: LoadedModel) -> Batches:
+def _images(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
     from histo_dist.sources import IMAGE_SUFFIXES, load_image
 
     if path.is_dir():
@@ -129,13 +118,13 @@ def _images(path: Path, cfg: PredictConfig, loaded: LoadedModel) -> Batches:
             images = []
             for f in chunk:
                 image = torch.from_numpy(np.array(load_image(str(f)))).permute(2, 0, 1)[None]
-                images.append(_sized(image, loaded, cfg.resize, str(f)))
+                images.append(_sized(image, model, cfg.resize, str(f)))
             yield [str(f.relative_to(root)) for f in chunk], torch.cat(images), None
 
     return Batches("image files", len(files), False, batches())
 
 
-def _h5(path: Path, cfg: PredictConfig, loaded: LoadedModel) -> Batches:
+def _h5(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
     import h5py
 
     try:
@@ -150,7 +139,7 @@ def _h5(path: Path, cfg: PredictConfig, loaded: LoadedModel) -> Batches:
         raise InputError(f"{path}: dataset 'x' is {dtype} {shape}, expected uint8 (N, H, W, 3) like PCam")
     if shape[0] == 0:
         raise InputError(f"{path}: dataset 'x' holds no images")
-    check_size(loaded, shape[1], shape[2], str(path), cfg.resize)
+    check_size(model, shape[1], shape[2], str(path), cfg.resize)
     labels_path = path.with_name(path.name.replace("_x.h5", "_y.h5")) if path.name.endswith("_x.h5") else None
     labels = None
     if labels_path is not None and labels_path.exists():
@@ -164,28 +153,27 @@ def _h5(path: Path, cfg: PredictConfig, loaded: LoadedModel) -> Batches:
             for start in range(0, shape[0], cfg.batch_size):
                 stop = min(start + cfg.batch_size, shape[0])
                 images = torch.from_numpy(fx["x"][start:stop]).permute(0, 3, 1, 2)
-                yield ([str(i) for i in range(start, stop)], _sized(images, loaded, cfg.resize, str(path)),
+                yield ([str(i) for i in range(start, stop)], _sized(images, model, cfg.resize, str(path)),
                        None if labels is None else labels[start:stop])
 
     return Batches("PCam h5 rows", shape[0], labels is not None, batches())
 
 
-def _shards(root: Path, cfg: PredictConfig, loaded: LoadedModel) -> Batches:
-    from histo_dist.loader import LoaderConfig, ShardLoader
+def _shards(root: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
+    from histo_dist.loader import ShardLoader
     from histo_dist.manifest import Manifest
 
     manifest = Manifest.load(root)
     info = manifest.split(cfg.split)  # names the split and the ones there are
     if info.num_samples == 0:
         raise InputError(f"{root}: split {cfg.split!r} holds no samples")
-    check_classes(loaded, manifest.num_classes, manifest.label_names, str(manifest.root / "manifest.json"))
-    check_size(loaded, manifest.image_shape[0], manifest.image_shape[1], str(manifest.root / "manifest.json"), cfg.resize)
-    loader = ShardLoader(manifest, cfg.split, LoaderConfig(eval_batch_size=cfg.batch_size, num_workers=cfg.num_workers),
-                         training=False)
+    check_classes(model, manifest.num_classes, manifest.label_names, str(manifest.root / "manifest.json"))
+    check_size(model, manifest.image_shape[0], manifest.image_shape[1], str(manifest.root / "manifest.json"), cfg.resize)
+    loader = ShardLoader(manifest, cfg.split, cfg.loader_config(), training=False)
 
     def batches():
         for batch in loader:
-            yield batch["key"], _sized(batch["image"], loaded, cfg.resize, str(root)), batch["label"]
+            yield batch["key"], _sized(batch["image"], model, cfg.resize, str(root)), batch["label"]
 
     return Batches(f"samples of split {cfg.split!r}", info.num_samples, True, batches())
 
@@ -193,9 +181,9 @@ def _shards(root: Path, cfg: PredictConfig, loaded: LoadedModel) -> Batches:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_threshold(text: str, tta: bool) -> float:
-    """A number, or the threshold recorded in an evaluation's metrics.json."""
-    from histo_dist.evaluate import EvaluationError, parse_threshold
+def read_thresholds(text: str) -> tuple[float, float]:
+    """(threshold, TTA threshold): a number for both, or those recorded in an evaluation's metrics.json."""
+    from histo_dist.metrics import EvaluationError, parse_threshold
 
     path = Path(text)
     if path.suffix == ".json" or path.is_file():
@@ -203,10 +191,9 @@ def read_threshold(text: str, tta: bool) -> float:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"--threshold {path}: not a readable metrics.json ({e})") from None
-        section = data.get("tta", {}) if tta and "tta" in data else data
-        if section.get("threshold") is None:
+        if data.get("threshold") is None:
             raise InputError(f"--threshold {path}: records no threshold (a multi-class evaluation or not from `histo-dist evaluate`)")
-        return float(section["threshold"])
+        return float(data["threshold"]), float((data.get("tta") or data)["threshold"])
     try:
         value = parse_threshold(text)
     except EvaluationError as e:
@@ -214,57 +201,36 @@ def read_threshold(text: str, tta: bool) -> float:
     if isinstance(value, str):
         raise InputError(f"--threshold {text}: choosing a threshold needs labelled data; run `histo-dist evaluate "
                          f"--threshold {text}` and pass its metrics.json here")
-    return value
+    return value, value
 
 
-@torch.no_grad()
-def predict(cfg: PredictConfig) -> Path:
+def predict(cfg: PredictConfig) -> str:
+    """Write the predictions CSV; returns the summary line."""
     from tqdm import tqdm
 
     from histo_dist.config import ConfigError
+    from histo_dist.evaluation import predict_batches, write_predictions
 
     problems = cfg.validate()
     if problems:
         raise ConfigError(problems, "predict options")
-    loaded = load_model(cfg.checkpoint, cfg.weights)
-    threshold = read_threshold(cfg.threshold, cfg.tta) if loaded.binary else None
-    source = open_input(cfg, loaded)
+    model = load_inference_model(cfg.checkpoint, cfg.weights)
+    threshold, threshold_tta = read_thresholds(cfg.threshold) if model.binary else (None, None)
+    source = open_input(cfg, model)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    loaded.to(device)
-    names = list(loaded.label_names)
-    rows: list[list] = []
+    model.to(device)
     with tqdm(total=source.count, desc="predict", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
-        for keys, images, labels in source.batches:
-            x = model_input(images.to(device), loaded, cfg.resize)
-            plain, tta = predict_probs(loaded.model, x, loaded.num_classes, cfg.tta, loaded.channels_last)
-            probs = (tta if cfg.tta else plain).double().cpu().numpy()
-            for i, key in enumerate(keys):
-                row: list = [key] + ([int(labels[i])] if source.has_labels else [])
-                if loaded.binary:
-                    predicted = int(probs[i] >= threshold)
-                    row += [repr(float(probs[i])), predicted, names[predicted]]
-                else:
-                    predicted = int(probs[i].argmax())
-                    row += [predicted, names[predicted], repr(float(probs[i][predicted])), *(repr(float(p)) for p in probs[i])]
-                rows.append(row)
-            bar.update(len(keys))
-    header = ["key"] + (["label"] if source.has_labels else [])
-    header += ["probability", "predicted", "predicted_name"] if loaded.binary else \
-        ["predicted", "predicted_name", "probability", *(f"prob_{n}" for n in names)]
+        predictions = predict_batches(model, source.batches, device=device, autocast=autocast(device, cfg.mixed_precision),
+                                      tta=cfg.tta, resize=cfg.resize, progress=bar.update)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, out)
-    summary = f"wrote {len(rows)} predictions for {source.kind} to {out}"
-    if loaded.binary:
-        positives = sum(1 for r in rows if r[header.index("predicted")] == 1)
-        summary += f" ({positives} predicted {names[1]} at threshold {threshold:.4f}{', TTA x8' if cfg.tta else ''})"
-    print(summary)
-    return out
+    write_predictions(out, predictions, list(model.label_names), threshold, threshold_tta)
+    summary = f"wrote {len(predictions.keys)} predictions for {source.kind} to {out}"
+    if model.binary:
+        probs, t = (predictions.probs_tta, threshold_tta) if cfg.tta else (predictions.probs, threshold)
+        summary += (f" ({int((probs.double() >= t).sum())} predicted {model.label_names[1]} at threshold {t:.4f}"
+                    f"{', TTA x8' if cfg.tta else ''})")
+    return summary
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -276,5 +242,5 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from histo_dist.config import from_namespace
 
-    predict(from_namespace(PredictConfig, args, "predict options"))
+    print(predict(from_namespace(PredictConfig, args, "predict options")))
     return 0

@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import atomic_open
 from histo_dist.manifest import CODEC_EXTENSIONS, ShardInfo
 
 
@@ -125,9 +126,8 @@ def write_shard(
     conversion worker: seconds each). Fixed mtime and owner: identical input, identical bytes.
     """
     ext = CODEC_EXTENSIONS[codec]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        with open(tmp, "wb") as raw:
+        with atomic_open(path, "wb") as raw:
             hashing = _HashingFile(raw)
             with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
                 for key, image, label, meta in zip(keys, images, labels, metas):
@@ -141,15 +141,9 @@ def write_shard(
                         info.size, info.mtime, info.mode = len(members[member_ext]), 0, 0o444
                         info.uname = info.gname = "histo-dist"
                         tar.addfile(info, io.BytesIO(members[member_ext]))
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # a full disk or a file size limit: name the shard, keep the others
-            raise ShardError(f"{path}: cannot write shard ({e.strerror or e}); the shards already complete are kept, "
-                             "run the same command again to continue") from None
-        raise
+    except OSError as e:  # a full disk or a file size limit: name the shard, keep the others
+        raise ShardError(f"{path}: cannot write shard ({e.strerror or e}); the shards already complete are kept, "
+                         "run the same command again to continue") from None
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     return ShardInfo(path.name, len(keys), tuple(int(c) for c in counts), hashing.sha.hexdigest(), hashing.size)
 

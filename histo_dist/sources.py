@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import os
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import atomic_open, sha256_file
 
 PCAM_LABELS = ("no_tumor", "tumor")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -97,14 +97,6 @@ class Source:
 # Shared helpers
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_record(path: Path, root: Path, with_hash: bool = True) -> dict:
     record = {"name": str(path.relative_to(root)), "bytes": path.stat().st_size}
     if with_hash:
@@ -168,9 +160,8 @@ def gunzip_to(src: Path, dest: Path, progress: bool = True) -> Path:
     """Decompress a .h5.gz to `dest` (temp name + rename); a truncated or corrupt file is named."""
     from tqdm import tqdm
 
-    tmp = dest.with_name(f".{dest.name}.partial")
     try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout, tqdm(
+        with gzip.open(src, "rb") as fin, atomic_open(dest, "wb") as fout, tqdm(
             total=src.stat().st_size, unit="B", unit_scale=True, desc=f"gunzip {src.name}", disable=not progress, leave=False
         ) as bar:
             raw = fin.fileobj  # the compressed stream, for progress in compressed bytes
@@ -180,9 +171,7 @@ def gunzip_to(src: Path, dest: Path, progress: bool = True) -> Path:
                 pos = raw.tell()
                 bar.update(pos - last)
                 last = pos
-        os.replace(tmp, dest)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-        tmp.unlink(missing_ok=True)
         if isinstance(e, EOFError):
             why = "it is truncated (the gzip stream ends early); download it again"
         elif isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):

@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Iterator
 import numpy as np
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import atomic_path
 
 HELP = "write a synthetic PCam-format dataset (H&E-like patches, no download needed)"
 
@@ -147,20 +147,6 @@ def pcam_paths(folder: str | os.PathLike, split: str) -> dict[str, Path]:
     return {"x": Path(f"{stem}_x.h5"), "y": Path(f"{stem}_y.h5"), "meta": Path(f"{stem}_meta.csv")}
 
 
-@contextlib.contextmanager
-def _atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `final`; it becomes `final` only if the block succeeds,
-    so an interrupted run never leaves a partial file under a final name."""
-    # Created by whoever writes it, so it gets the usual permissions (mkstemp would make it 0600).
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_synthetic_pcam(cfg: SynthConfig, progress: bool = False) -> dict:
     """Write all three splits. Returns {"files": {split: {"x", "y", "meta"}: path}, "counts",
     "tumor" (tumor patches per split), "total", "seconds", "images_per_s"}."""
@@ -189,7 +175,7 @@ def write_synthetic_pcam(cfg: SynthConfig, progress: bool = False) -> dict:
             n, paths = counts[split], files[split]
             meta_chunks = []
             with contextlib.ExitStack() as stack:
-                tmp = {key: stack.enter_context(_atomic_path(path)) for key, path in paths.items()}
+                tmp = {key: stack.enter_context(atomic_path(path)) for key, path in paths.items()}
                 with h5py.File(tmp["x"], "w") as fx, h5py.File(tmp["y"], "w") as fy:
                     # Same layout as the official files: contiguous, uncompressed.
                     x_set = fx.create_dataset("x", shape=(n, PATCH, PATCH, 3), dtype=np.uint8)

@@ -1,195 +1,48 @@
 """Train a patch classifier on converted shards, in one process or under `accelerate launch`.
 
     histo-dist train --config configs/cpu_test.yaml [--run-dir DIR] [key=value ...]
+    histo-dist train --help-config [SECTION]      (every config value, its default and what it does)
     accelerate launch --multi_gpu --num_processes 2 -m histo_dist train --config ... (2 ranks)
 
-The run, top to bottom: load and check the config (before any data is read), make the run
-directory, build the Accelerator (DDP, mixed precision, gradient accumulation), per-rank loaders
-(not passed through `accelerator.prepare`: each rank reads its own part), model, optimizer and
-schedule, resume from the newest valid checkpoint, then the loop: train steps, periodic
-validation, atomic checkpoints, logging; finally the best checkpoint is evaluated on the test split.
+The run, top to bottom: load and check the config (before any data is read), build the
+Accelerator (DDP, mixed precision, gradient accumulation), per-rank loaders (not passed through
+`accelerator.prepare`: each rank reads its own part), model, optimizer and schedule, resume from
+the newest valid checkpoint, then the loop: train steps, validation when the `Validator` says so,
+checkpoints when the `Checkpointer` says so, logging; finally the best checkpoint is evaluated on
+the test split exactly as `histo-dist evaluate` would (evaluation.py), into RUN/test/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from histo_dist.augment import AugmentConfig, augment, normalize_only
-from histo_dist.checkpoint import CheckpointConfig, Checkpointer, load_checkpoint
-from histo_dist.config import ConfigError, dump_yaml, load_config, to_dict
+from histo_dist.checkpoint import Checkpointer, model_weights, read_training_checkpoint
+from histo_dist.config import to_dict
 from histo_dist.errors import HistoDistError
-from histo_dist.loader import LoaderConfig, ShardLoader
+from histo_dist.evaluation import evaluate_split, scalars, validate_split, write_evaluation
+from histo_dist.experiment import ExperimentConfig, load_experiment
+from histo_dist.inference import InferenceModel
+from histo_dist.loader import ShardLoader
 from histo_dist.manifest import Manifest
-from histo_dist.metrics import METRIC_NAMES, EvalMetrics, is_better
-from histo_dist.models import ModelConfig, build_model
-from histo_dist.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
-from histo_dist.tracking import RunLog, TrackingConfig, setup_logging
+from histo_dist.metrics import is_better
+from histo_dist.models import build_model
+from histo_dist.optim import LRSchedule, build_optimizer
+from histo_dist.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
+from histo_dist.rundir import default_run_dir, provenance, write_run_files
+from histo_dist.tracking import RunLog, setup_logging
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: each component owns its section; the trainer assembles them.
-
-
-@dataclass
-class DataConfig:
-    shards: str = "shards/pcam"
-    """Folder with manifest.json and the shards (written by `histo-dist convert`)."""
-    train_split: str = "train"
-    """Split to train on."""
-    valid_split: str = "valid"
-    """Split for validation during training and for choosing the best checkpoint."""
-    test_split: str = "test"
-    """Split the best checkpoint is evaluated on after training ('' to skip)."""
-
-
-@dataclass
-class LossConfig:
-    label_smoothing: float = 0.0
-    """Label smoothing (multi-class cross-entropy; for binary, targets move towards 0.5 by half of it)."""
-    pos_weight: float = 1.0
-    """Binary only: weight of positive samples in BCEWithLogitsLoss (for imbalanced data)."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if not 0.0 <= self.label_smoothing < 1.0:
-            problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.pos_weight < math.inf:
-            problems.append(f"pos_weight: must be > 0 and finite, got {self.pos_weight}")
-        return problems
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    """Passes over the training split."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps in total (0: run all epochs)."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step (gradient accumulation, by Accelerate)."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision (bf16 on H100/H200/A100; fp16 uses a gradient scaler)."""
-    clip_grad_norm: float = 0.0
-    """Clip the global gradient norm to this value (0: off)."""
-    channels_last: bool = True
-    """Keep model and inputs in channels_last memory format (faster convolutions on GPUs)."""
-    compile: bool = False
-    """torch.compile the model (slower start, faster steps on GPUs)."""
-    ema_decay: float = 0.0
-    """Keep an exponential moving average of the weights with this decay (e.g. 0.999), evaluated and
-    checkpointed as the model; 0 is off."""
-    seed: int = 0
-    """Seed of data order, augmentation and initialisation."""
-    deterministic: bool = False
-    """Use deterministic algorithms only (bitwise-reproducible on CPU; slower on GPUs)."""
-    cpu: bool = False
-    """Run on the CPU even when GPUs are present (test mode). Without GPUs the CPU is used anyway."""
-    eval_every_steps: int = 0
-    """Validate every N optimizer steps (0: at the end of every epoch)."""
-    best_metric: str = "auroc"
-    """Validation metric that picks the best checkpoint: accuracy, precision, recall, f1, auroc,
-    balanced_accuracy or nll (lower is better)."""
-    early_stopping_patience: int = 0
-    """Stop after this many validations without improvement of best_metric (0: never)."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        for name in ("epochs", "grad_accum_steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every_steps", "early_stopping_patience"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.clip_grad_norm < math.inf:
-            problems.append(f"clip_grad_norm: must be >= 0 and finite, got {self.clip_grad_norm}")
-        if not 0 <= self.seed < 2**63:  # numpy seed sequences and the loader's uint64 arithmetic need it
-            problems.append(f"seed: must be in [0, 2**63), got {self.seed}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            problems.append(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
-        if self.best_metric not in METRIC_NAMES:
-            problems.append(f"best_metric: {self.best_metric!r} is not one of {', '.join(METRIC_NAMES)}")
-        return problems
-
-
-@dataclass
-class ExperimentConfig:
-    """Everything a training run needs; each section goes only to the component that owns it."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.schedule.name == "plateau" and self.train.best_metric and not self.data.valid_split:
-            problems.append("schedule.name: plateau needs validation (data.valid_split)")
-        return problems
-
-
-def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    return load_config(ExperimentConfig, path, overrides)
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer
-
-
 class NonFiniteLossError(HistoDistError):
     """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
-
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/*.sbatch requeue the job on this code
-PREEMPT_SIGNALS = ("SIGUSR1", "SIGTERM")
-
-
-class Preempted(Exception):
-    """A preemption signal arrived; a checkpoint was written and the run should be requeued."""
-
-
-class PreemptionFlag:
-    """Remembers that SIGUSR1/SIGTERM arrived. The handler only sets a flag (safe to run twice,
-    and SLURM may deliver the signal to every process of a step); the training loop acts on it."""
-
-    def __init__(self):
-        self.signal: str | None = None
-
-    def install(self) -> None:
-        import signal
-
-        for name in PREEMPT_SIGNALS:
-            signal.signal(getattr(signal, name), self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        self.signal = self.signal or signal.Signals(signum).name
-
-    def ignore(self) -> None:
-        """Ignore further preemption signals, once the checkpoint is written and the process is on its
-        way out with 75. Python restores the default handlers while it shuts down; a late signal then
-        (torchrun stopping the ranks that have not exited yet, SLURM signalling again) would kill the
-        process, which would report -15 instead of the 75 a requeue needs."""
-        import signal
-
-        for name in PREEMPT_SIGNALS:
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -198,8 +51,37 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + step * 104_729) % (2**63)
 
 
+class Validator:
+    """When to validate, the best value of the chosen metric so far, and when to stop early."""
+
+    def __init__(self, split: str, every_steps: int, metric: str, patience: int):
+        self.split, self.every_steps, self.metric, self.patience = split, every_steps, metric, patience
+        self.best: float | None = None
+        self.evals_without_improvement = 0
+
+    def due(self, step: int, *, end_of_epoch: bool, last_step: bool) -> bool:
+        """Every `every_steps` optimizer steps (else at the end of every epoch), and after the last step."""
+        if not self.split:
+            return False
+        return last_step or (step % self.every_steps == 0 if self.every_steps else end_of_epoch)
+
+    def record(self, values: dict[str, Any]) -> bool:
+        """Take a validation's metrics; True when it is the best so far."""
+        improved = is_better(self.metric, values[self.metric], self.best)
+        if improved:
+            self.best, self.evals_without_improvement = values[self.metric], 0
+        else:
+            self.evals_without_improvement += 1
+        return improved
+
+    @property
+    def stop_early(self) -> bool:
+        return bool(self.patience and self.evals_without_improvement >= self.patience)
+
+
 class Trainer:
-    """A small orchestrator: owns the model, optimizer, schedule, loaders and their state."""
+    """A small orchestrator: owns the model, optimizer, schedule and loaders, and asks the Validator
+    and the Checkpointer when to act."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, accelerator=None):
         from accelerate import Accelerator
@@ -241,13 +123,13 @@ class Trainer:
         if t.max_steps:
             self.total_steps = min(self.total_steps, t.max_steps)
 
-        # Model, optimizer, schedule. The scheduler is NOT passed through `prepare`: Accelerate
-        # would step it once per process per optimizer step (anchors note, item 8).
+        # Model, optimizer, schedule. The schedule is NOT passed through `prepare`: Accelerate
+        # would step it once per process per optimizer step.
         model = build_model(cfg.model, self.num_classes)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg.optim)
-        self.scheduler = build_scheduler(optimizer, cfg.schedule, self.total_steps)
+        self.schedule = LRSchedule(optimizer, cfg.schedule, self.total_steps)
         if t.compile:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -263,20 +145,19 @@ class Trainer:
             self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.loss.label_smoothing)
 
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+        self.validator = Validator(cfg.data.valid_split, t.eval_every_steps, t.best_metric, t.early_stopping_patience)
         self.step = 0  # optimizer steps done
-        self.best: float | None = None
-        self.evals_without_improvement = 0
         self.skipped_samples = 0  # corrupt training samples skipped over the run, all ranks (loader.skip_corrupt)
         self._pending_losses: list[tuple[int, torch.Tensor]] = []
         self.preemption = PreemptionFlag()
 
     # -- one micro-batch ---------------------------------------------------------------------------
-    def prepare_inputs(self, batch: dict[str, Any], training: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a loader batch to the device and finish augmentation/normalisation there."""
+    def prepare_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move a training batch to the device and finish augmentation/normalisation there."""
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:  # not yet augmented in a worker
-            if training and self.cfg.augment.enabled:
+            if self.cfg.augment.enabled:
                 images = augment(images, batch["seed"].to(self.device, non_blocking=True), self.cfg.augment)
             else:
                 images = normalize_only(images, self.cfg.augment)
@@ -296,7 +177,7 @@ class Trainer:
         """Forward and backward on one micro-batch; steps the optimizer every k-th. True if it did."""
         acc = self.accelerator
         torch.manual_seed(_step_seed(self.cfg.train.seed, self.rank, self.step))
-        images, labels = self.prepare_inputs(batch, training=True)
+        images, labels = self.prepare_inputs(batch)
         self.model.train()
         with acc.accumulate(self.model):
             logits = self.model(images)
@@ -316,8 +197,7 @@ class Trainer:
         self._pending_losses.append((self.step + 1, torch.stack([loss.detach().float(), accuracy, skipped])))
         if not acc.sync_gradients:
             return False
-        if self.cfg.schedule.name != "plateau":
-            self.scheduler.step()
+        self.schedule.after_optimizer_step()
         if self.ema is not None:
             self.ema.update_parameters(acc.unwrap_model(self.model))
         self.step += 1
@@ -330,10 +210,10 @@ class Trainer:
         if not self._pending_losses:
             return float("nan"), float("nan")
         steps = [s for s, _ in self._pending_losses]
-        values = self.accelerator.reduce(torch.stack([v for _, v in self._pending_losses]), "mean").cpu()
+        sums = self.accelerator.reduce(torch.stack([v for _, v in self._pending_losses]), "sum").cpu()
         self._pending_losses.clear()
-        losses, accuracies = values[:, 0], values[:, 1]
-        self.skipped_samples += round(float(values[:, 2].sum()) * self.world_size)  # mean over ranks -> sum
+        losses, accuracies = sums[:, 0] / self.world_size, sums[:, 1] / self.world_size
+        self.skipped_samples += round(float(sums[:, 2].sum()))
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             step = steps[int(bad[0])]
@@ -346,58 +226,80 @@ class Trainer:
         return float(losses.mean()), float(accuracies.mean())
 
     # -- evaluation --------------------------------------------------------------------------------
-    def eval_model(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.model
+    def inference_model(self) -> InferenceModel:
+        """The weights to evaluate (the EMA average when kept), as evaluation.py takes them: the plain
+        module, not the DDP wrapper (no buffer broadcast per forward, no collective a rank could miss)."""
+        module = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+        module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper shares the parameters
+        return InferenceModel(module, self.num_classes, tuple(self.manifest.label_names), tuple(self.manifest.image_shape),
+                              self.cfg.augment, self.cfg.train.channels_last, self.cfg.model.name,
+                              weights="ema" if self.ema is not None else "model", step=self.step)
 
-    @torch.no_grad()
-    def evaluate(self, split: str, predictions: bool = False) -> dict[str, Any]:
-        """Metrics over the whole split, every sample exactly once across ranks (every rank calls this)."""
-        loader = ShardLoader(self.manifest, split, self.cfg.loader, rank=self.rank, world_size=self.world_size,
-                             seed=self.cfg.train.seed, training=False)
-        metrics = EvalMetrics(self.num_classes, self.device)
-        model = self.eval_model()
-        model.eval()
-        probs, labels_all, skipped = [], [], 0
-        for batch in loader:
-            skipped += batch["skipped"]
-            if not len(batch["label"]):
-                continue
-            images, labels = self.prepare_inputs(batch, training=False)
-            with self.accelerator.autocast():
-                logits = model(images)
-            metrics.update(logits, labels)
-            if predictions:
-                p = torch.sigmoid(logits.float().reshape(-1)) if self.num_classes == 2 else torch.softmax(logits.float(), 1)
-                probs.append(p.cpu())
-                labels_all.append(labels.cpu())
-        values = metrics.compute()  # collective
-        expected = self.manifest.split(split).num_samples
-        if self.cfg.loader.skip_corrupt:  # samples skipped as corrupt were read, just not counted
-            skipped = int(self.accelerator.reduce(torch.tensor([skipped], device=self.device), "sum").item())
-            values["skipped_samples"] = skipped
-            if skipped:
-                log.warning("evaluation of %r: %d corrupt sample(s) skipped (loader.skip_corrupt)", split, skipped)
-        if int(values["num_samples"]) + skipped != expected:
-            raise HistoDistError(
-                f"evaluation of {split!r} counted {int(values['num_samples'])} samples across ranks"
-                + (f" and skipped {skipped}" if skipped else "") + f", the manifest has {expected}"
-            )
-        if predictions:
-            values["_predictions"] = _gather_to_main(torch.cat(probs), torch.cat(labels_all))
-        return values
+    def _where(self) -> dict[str, Any]:
+        return dict(rank=self.rank, world_size=self.world_size, device=self.device, autocast=self.accelerator.autocast)
+
+    def valid_metrics(self) -> dict[str, Any]:
+        """Metrics of the current weights on the validation split (every rank calls this; all get them)."""
+        return validate_split(self.inference_model(), self.manifest, self.validator.split, self.cfg.loader, **self._where())
+
+    def validate(self, run_log: RunLog, epoch: int) -> bool:
+        """Validate (every rank); True when this is the best validation so far."""
+        self.flush_losses()
+        values = self.valid_metrics()
+        improved = self.validator.record(values)
+        self.schedule.after_validation(values[self.validator.metric])
+        record = {k: v for k, v in values.items() if k not in ("confusion_matrix", "threshold")}
+        if not self.cfg.loader.skip_corrupt:
+            del record["skipped_samples"]
+        run_log.log({**record, "epoch": epoch, f"best_{self.validator.metric}": self.validator.best}, self.step, "valid")
+        log.info("step %d valid %s", self.step,
+                 " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
+        if self.validator.stop_early:
+            log.info("early stopping: %s has not improved for %d validations", self.validator.metric, self.validator.patience)
+        return improved
+
+    def test(self, run_log: RunLog) -> dict[str, Any]:
+        """Evaluate the best checkpoint (the last one without validation) on the test split, as
+        `histo-dist evaluate --checkpoint THAT --threshold <test.threshold>` does, into RUN/test/."""
+        split = self.cfg.data.test_split
+        if not split:
+            return {}
+        checkpoint = self.checkpointer.folder / "best.pt"
+        if not checkpoint.exists():
+            checkpoint = self.checkpointer.newest_valid()
+        state = read_training_checkpoint(checkpoint)
+        weights, which = model_weights(state, "auto", checkpoint)
+        model = self.inference_model()
+        model.model.load_state_dict(weights)
+        model.step = int(state["step"])
+        info = {"checkpoint": str(checkpoint), "step": model.step, "model": model.model_name, "weights": which,
+                "data": str(self.manifest.root)}
+        if self.cfg.loader.skip_corrupt:
+            info["train_skipped_samples"] = self.skipped_samples
+        results, predictions = evaluate_split(model, self.manifest, split, self.cfg.test, self.cfg.loader,
+                                              threshold_split=self.cfg.data.valid_split, info=info,
+                                              show_progress=self.cfg.tracking.progress, **self._where())
+        if self.accelerator.is_main_process:
+            images = write_evaluation(self.run_dir / "test", results, predictions, plots=self.cfg.test.plots,
+                                      metrics_jsonl=self.run_dir / "metrics.jsonl")
+            values = scalars(results)
+            run_log.log(values, self.step, "test")
+            run_log.summary({f"test/{k}": v for k, v in values.items()})
+            run_log.log_images({f"test/{k}": p for k, p in images.items()}, self.step)
+        self.accelerator.wait_for_everyone()
+        return results
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         acc = self.accelerator
         state = {
-            "format": "histo-dist-checkpoint-1",
             "step": self.step,
             "model": acc.unwrap_model(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.schedule.state_dict(),
             "loader": self.train_loader.state_dict(),
-            "best": self.best,
-            "evals_without_improvement": self.evals_without_improvement,
+            "best": self.validator.best,
+            "evals_without_improvement": self.validator.evals_without_improvement,
             "skipped_samples": self.skipped_samples,
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
@@ -411,26 +313,30 @@ class Trainer:
         return state
 
     def save_checkpoint(self, is_best: bool = False) -> None:
-        self.flush_losses()  # never checkpoint weights that came from a NaN step
+        """Every rank calls this: losses are flushed (never checkpoint weights from a NaN step), the
+        main process writes, and the others wait for it."""
+        self.flush_losses()
         if self.accelerator.is_main_process:
             path = self.checkpointer.save(self.step, self.state_dict(), is_best=is_best)
             log.info("checkpoint %s%s", path, " (best)" if is_best else "")
+        self.checkpointer.last_saved_step = self.step
         self.accelerator.wait_for_everyone()
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path)  # to CPU; load_state_dict copies onto the device
+        state = read_training_checkpoint(path)  # to CPU; load_state_dict copies onto the device
         acc = self.accelerator
         acc.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.load_state_dict(state["scheduler"])
         loader_state = dict(state["loader"], rank=self.rank)  # rank 0 saved it; positions are shared
         self.train_loader.load_state_dict(loader_state)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if acc.scaler is not None and "scaler" in state:
             acc.scaler.load_state_dict(state["scaler"])
-        self.step, self.best = int(state["step"]), state["best"]
-        self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.step = int(state["step"])
+        self.validator.best = state["best"]
+        self.validator.evals_without_improvement = int(state["evals_without_improvement"])
         self.skipped_samples = int(state.get("skipped_samples", 0))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, loader_state["epoch"], loader_state["batch"])
 
@@ -443,112 +349,64 @@ class Trainer:
         return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "max").item())
 
     # -- the loop ----------------------------------------------------------------------------------
+    def log_progress(self, run_log: RunLog, bar, epoch: int) -> None:
+        """Every `log_every_steps`: the mean loss and accuracy since the last log (a sync point), lr, images/s."""
+        bar.update(1)
+        if self.step % self.cfg.tracking.log_every_steps:
+            return
+        loss, accuracy = self.flush_losses()
+        now = time.perf_counter()
+        global_batch = self.cfg.loader.batch_size * self.cfg.train.grad_accum_steps * self.world_size
+        images_per_s = (self.step - self._tick[1]) * global_batch / (now - self._tick[0])
+        self._tick = (now, self.step)
+        record = {"loss": loss, "accuracy": accuracy, "lr": self.optimizer.param_groups[-1]["lr"],
+                  "images_per_s": images_per_s, "epoch": epoch}
+        if self.cfg.loader.skip_corrupt:
+            record["skipped_samples"] = self.skipped_samples
+        run_log.log(record, self.step, "train")
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+
     def fit(self, run_log: RunLog) -> dict[str, Any]:
         from tqdm import tqdm
 
-        t, acc = self.cfg.train, self.accelerator
         resume = self.checkpointer.resume_path()
         if resume is not None:
             self.load(resume)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not (acc.is_main_process and self.cfg.tracking.progress), dynamic_ncols=True)
-        global_batch = self.cfg.loader.batch_size * t.grad_accum_steps * self.world_size
-        tick, tick_step = time.perf_counter(), self.step
-        patience = t.early_stopping_patience
-        # (A run preempted right after early stopping said stop resumes into the test evaluation.)
-        stop = self.step >= self.total_steps or bool(patience and self.evals_without_improvement >= patience)
-        while not stop:
+                   disable=not (self.accelerator.is_main_process and self.cfg.tracking.progress), dynamic_ncols=True)
+        self._tick = (time.perf_counter(), self.step)
+        # (A run preempted right after early stopping said stop resumes straight into the test.)
+        finished = self.step >= self.total_steps or self.validator.stop_early
+        while not finished:
             epoch = self.train_loader.epoch
             for batch in self.train_loader:
-                if self.train_loader.batch > self.micro_per_epoch:  # epoch cut to whole optimizer steps
+                if self.train_loader.batch > self.micro_per_epoch:  # the epoch is cut to whole optimizer steps
                     break
                 if not self.train_step(batch):
                     continue
-                if self.step % self.cfg.tracking.log_every_steps == 0:
-                    loss, accuracy = self.flush_losses()
-                    now = time.perf_counter()
-                    images_per_s = (self.step - tick_step) * global_batch / (now - tick)
-                    tick, tick_step = now, self.step
-                    lr = self.optimizer.param_groups[-1]["lr"]
-                    record = {"loss": loss, "accuracy": accuracy, "lr": lr, "images_per_s": images_per_s, "epoch": epoch}
-                    if self.cfg.loader.skip_corrupt:
-                        record["skipped_samples"] = self.skipped_samples
-                    run_log.log(record, self.step, "train")
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
-                bar.update(1)
+                self.log_progress(run_log, bar, epoch)
                 end_of_epoch = self.train_loader.batch >= self.micro_per_epoch
                 if end_of_epoch:
                     self.train_loader.set_epoch(epoch + 1)  # the saved position is the next epoch's start
-                stop, saved = self.step >= self.total_steps, True
-                if (t.eval_every_steps and self.step % t.eval_every_steps == 0) or (not t.eval_every_steps and end_of_epoch) or stop:
-                    if self.validate(run_log, epoch):  # (it checkpoints)
-                        stop = True
-                elif (self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0) or end_of_epoch:
-                    self.save_checkpoint()
-                else:
-                    saved = False
-                # Only after this step's validation: a run preempted between a step and its validation
-                # would resume past that validation, and could pick another best checkpoint.
+                last_step = self.step >= self.total_steps
+                validated = self.validator.due(self.step, end_of_epoch=end_of_epoch, last_step=last_step)
+                is_best = validated and self.validate(run_log, epoch)
+                if self.checkpointer.due(self.step, end_of_epoch=end_of_epoch, validated=validated, last_step=last_step):
+                    self.save_checkpoint(is_best)
+                # Only after this step's validation and checkpoint: a run preempted between a step and
+                # its validation would resume past that validation, and could pick another best checkpoint.
                 if self.preempted():
-                    if not saved:
+                    if self.checkpointer.last_saved_step != self.step:
                         self.save_checkpoint()
                     self.preemption.ignore()
                     log.warning("preempted (%s): checkpoint at step %d written; exiting with code %d for requeue",
                                 self.preemption.signal or "signal on another rank", self.step, EXIT_PREEMPTED)
                     raise Preempted()
-                if stop or end_of_epoch:
+                finished = last_step or self.validator.stop_early
+                if finished or end_of_epoch:
                     break
         bar.close()
         return self.test(run_log)
-
-    def validate(self, run_log: RunLog, epoch: int) -> bool:
-        """Validate, checkpoint (marking the best), and return True when early stopping says stop."""
-        split = self.cfg.data.valid_split
-        if not split:
-            self.save_checkpoint()
-            return False
-        self.flush_losses()
-        values = self.evaluate(split)
-        metric = self.cfg.train.best_metric
-        improved = is_better(metric, values[metric], self.best)
-        if improved:
-            self.best, self.evals_without_improvement = values[metric], 0
-        else:
-            self.evals_without_improvement += 1
-        if self.cfg.schedule.name == "plateau":
-            self.scheduler.step(values[metric])
-        run_log.log({**values, "epoch": epoch, f"best_{metric}": self.best}, self.step, "valid")
-        log.info("step %d valid %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in values.items()))
-        self.save_checkpoint(is_best=improved)
-        patience = self.cfg.train.early_stopping_patience
-        if patience and self.evals_without_improvement >= patience:
-            log.info("early stopping: %s has not improved for %d validations", metric, patience)
-            return True
-        return False
-
-    def test(self, run_log: RunLog) -> dict[str, Any]:
-        """Evaluate the best checkpoint (or the final weights without validation) on the test split."""
-        split = self.cfg.data.test_split
-        if not split:
-            return {}
-        best = self.checkpointer.folder / "best.pt"
-        if best.exists():
-            state = load_checkpoint(best)
-            target = self.ema if self.ema is not None else self.accelerator.unwrap_model(self.model)
-            target.load_state_dict(state["ema"] if self.ema is not None else state["model"])
-        values = self.evaluate(split, predictions=True)
-        predictions = values.pop("_predictions")
-        if self.cfg.loader.skip_corrupt:
-            values["train_skipped_samples"] = self.skipped_samples
-        run_log.log(values, self.step, "test")
-        run_log.summary({f"test/{k}": v for k, v in values.items()})
-        if self.accelerator.is_main_process:
-            (self.run_dir / "test_metrics.json").write_text(json.dumps(values, indent=2) + "\n")
-            from histo_dist.plots import save_test_plots
-
-            images = save_test_plots(predictions[0], predictions[1], self.manifest.label_names, self.run_dir / "plots", values)
-            run_log.log_images(images, self.step)
-        return values
 
 
 class _WorkerAugment:
@@ -561,68 +419,11 @@ class _WorkerAugment:
         return augment(images, seeds, self.cfg)
 
 
-def _gather_to_main(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' predictions on every rank (variable sizes per rank, so gather objects, not tensors)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return probs, labels
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (probs, labels))
-    return torch.cat([p for p, _ in parts]), torch.cat([l for _, l in parts])
-
-
 # ---------------------------------------------------------------------------------------------
-# Run directory and provenance
-
-
-def provenance(accelerator, manifest: Manifest) -> dict[str, Any]:
-    """Code, versions, hardware and data identity of a run."""
-    import hashlib
-    import importlib.metadata
-    import platform
-    import socket
-    import subprocess
-    import sys
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except OSError:
-            return None
-
-    packages = {}
-    for name in ("histo-dist", "torch", "torchvision", "accelerate", "webdataset", "torchmetrics", "wandb", "numpy", "h5py"):
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    status = git("status", "--porcelain")
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-               if accelerator.device.type == "cuda" else [platform.processor() or platform.machine()])
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
-        "command": sys.argv,
-        "python": sys.version.split()[0],
-        "packages": packages,
-        "host": socket.gethostname(),
-        "world_size": accelerator.num_processes,
-        "device_type": accelerator.device.type,
-        "devices": devices,
-        "mixed_precision": accelerator.mixed_precision,
-        "manifest": str(manifest.root / "manifest.json"),
-        "manifest_sha256": hashlib.sha256((manifest.root / "manifest.json").read_bytes()).hexdigest(),
-    }
-
-
-def default_run_dir(config_path: str | None) -> Path:
-    stem = Path(config_path).stem if config_path else "run"
-    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None = None) -> dict[str, Any]:
+    """The whole run on this process's rank; returns the test results (complete on the main process)."""
     from accelerate.utils import broadcast_object_list
 
     trainer = Trainer(cfg, Path("."))  # run_dir is settled below, once ranks agree on it
@@ -634,9 +435,8 @@ def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None =
     trainer.run_dir = run_dir
     trainer.checkpointer.folder = run_dir / "checkpoints"
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / "provenance.json").write_text(json.dumps(provenance(acc, trainer.manifest), indent=2) + "\n")
+        write_run_files(run_dir, cfg, provenance(world_size=acc.num_processes, device_type=acc.device.type,
+                                                 mixed_precision=acc.mixed_precision, manifest=trainer.manifest))
     acc.wait_for_everyone()
     run_log = RunLog(acc, run_dir, cfg.tracking, to_dict(cfg))
     trainer.preemption.install()
@@ -646,9 +446,11 @@ def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None =
             log.info("run finished: %s", run_dir)
             if cfg.loader.skip_corrupt:
                 log.warning("corrupt samples skipped (loader.skip_corrupt): %d in training%s; the warnings above name them",
-                            trainer.skipped_samples, f", {results['skipped_samples']} in the test split" if results else "")
+                            trainer.skipped_samples,
+                            f", {results.get('skipped_samples', 0)} in the test split" if results else "")
             if results:
-                log.info("test: %s", " ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+                log.info("test (%s): %s", run_dir / "test" / "metrics.json",
+                         " ".join(f"{k}={v:.4f}" for k, v in scalars(results).items() if isinstance(v, float)))
         return results
     finally:
         _end_training(acc)
@@ -675,11 +477,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML experiment config (see configs/); defaults are used for what it omits")
     parser.add_argument("--run-dir", help="run directory (default: runs/<config name>-<time>); reuse it to resume")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
+                        help="list every config value (or those of one SECTION: "
+                             "data, loader, augment, model, loss, optim, schedule, train, test, checkpoint, tracking) "
+                             "with its type, default and meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides of config values, e.g. optim.lr=0.01 loader.batch_size=64")
 
 
 def run(args: argparse.Namespace) -> int:
+    from histo_dist.config import describe_config
+
+    if args.help_config is not None:
+        print(describe_config(ExperimentConfig, args.help_config or None), end="")
+        return 0
     cfg = load_experiment(args.config, args.overrides)  # every config mistake surfaces here, before any data
     if args.print_config:
         import yaml

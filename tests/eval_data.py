@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histo_dist.checkpoint import FORMAT
 from histo_dist.config import to_dict
 from histo_dist.manifest import Manifest
 from tests.shard_data import label_of, make_dataset
@@ -36,7 +37,8 @@ def make_noisy_dataset(root: Path, sizes: dict[str, list[int]] = SIZES, shape=SH
 
 def trained_run(base: Path) -> tuple[Path, Path]:
     """(shard folder, run folder) of a tiny trained binary model; made once under `base`."""
-    from histo_dist.train import load_experiment, train
+    from histo_dist.experiment import load_experiment
+    from histo_dist.train import train
 
     shards, run = base / "eval-shards", base / "eval-run"
     if not (shards / "manifest.json").exists():
@@ -55,13 +57,13 @@ def make_checkpoint(path: Path, num_classes: int = 2, shape=SHAPE, model: str = 
                     label_names: list[str] | None = None, seed: int = 0) -> Path:
     """An untrained checkpoint as the trainer writes it (weights, config, classes, image shape)."""
     from histo_dist.models import build_model
-    from histo_dist.train import load_experiment
+    from histo_dist.experiment import load_experiment
 
     cfg = load_experiment(None, [f"model.name={model}"])
     torch.manual_seed(seed)
     net = build_model(cfg.model, num_classes)
     state = {
-        "format": "histo-dist-checkpoint-1",
+        "format": FORMAT,
         "step": 0,
         "model": net.state_dict(),
         "config": to_dict(cfg),

@@ -16,6 +16,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from histo_dist.files import sha256_file
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "pcam-real-2k"
 PCAM_SPLITS = ("train", "valid", "test")
@@ -173,13 +175,9 @@ def read_webdataset(folder: Path, split: str) -> list[dict]:
     return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8"))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def tree_hashes(folder: Path) -> dict[str, str]:
     """{name: sha256} of every shard and the manifest of a conversion."""
-    return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.suffix in (".tar", ".json")}
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix in (".tar", ".json")}
 
 
 def written(folder: Path) -> list[str]:

@@ -334,7 +334,7 @@ def test_convert_command_help_lists_its_options(capsys):
 
 def test_yaml_1_1_booleans_stay_strings(tmp_path):
     """`mixed_precision: no` must mean the string "no" (YAML 1.1 would read it as False)."""
-    from histo_dist.train import load_experiment
+    from histo_dist.experiment import load_experiment
 
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  mixed_precision: no\n  deterministic: true\n")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from histo_dist.files import sha256_file
 from tests.source_data import (
     REPO,
     cli,
@@ -24,7 +25,6 @@ from tests.source_data import (
     make_images,
     pcam_name,
     read_webdataset,
-    sha256,
     tree_hashes,
     write_h5,
     write_imagefolder,
@@ -110,7 +110,7 @@ def test_lossless_round_trip_through_webdataset(pcam, tmp_path, capsys, codec):
             chunk = samples[start : start + sh["num_samples"]]
             assert {s["__url__"] for s in chunk} == {str(out / sh["name"])}
             assert sh["class_counts"] == np.bincount([s["cls"] for s in chunk], minlength=2).tolist()
-            assert sh["sha256"] == sha256(out / sh["name"])
+            assert sh["sha256"] == sha256_file(out / sh["name"])
             assert sh["bytes"] == (out / sh["name"]).stat().st_size
             start += sh["num_samples"]
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -15,17 +15,17 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
 from histo_dist.checkpoint import CheckpointError
-from histo_dist.evaluate import (
-    EvalConfig,
+from histo_dist.augment import AugmentConfig, dihedral_views
+from histo_dist.evaluate import EvalConfig, evaluate
+from histo_dist.inference import DataMismatchError, InferenceModel
+from histo_dist.metrics import (
     EvaluationError,
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
-    evaluate,
     multiclass_metrics,
     weighted_auroc,
 )
-from histo_dist.inference import DataMismatchError, dihedral_views, predict_probs
 from histo_dist.manifest import ManifestError
 from tests.eval_data import is_png, load_json, make_checkpoint, make_multiclass_dataset, read_csv, trained_run
 
@@ -171,6 +171,11 @@ class TopLeft(torch.nn.Module):
         return x[:, 0, 0, 0][:, None] * 2
 
 
+def predict_probs(model: torch.nn.Module, x: torch.Tensor, num_classes: int, tta: bool):
+    wrapped = InferenceModel(model, num_classes, tuple(map(str, range(num_classes))), (8, 8, 3), AugmentConfig(), False, "test")
+    return wrapped.probabilities(x, tta)
+
+
 def test_tta_views_are_the_8_distinct_symmetries():
     x = torch.randn(1, 3, 5, 5)
     views = list(dihedral_views(x))
@@ -226,7 +231,8 @@ def test_evaluation_writes_metrics_predictions_and_every_plot(evaluation, run):
         assert is_png(out / name), name
     rows = read_csv(out / "predictions.csv")
     assert [r["key"] for r in rows] == [f"test_{i:09d}" for i in range(100)]  # one row per sample, sorted
-    assert set(rows[0]) == {"key", "label", "probability", "predicted", "probability_tta", "predicted_tta"}
+    assert list(rows[0]) == ["key", "label", "probability", "predicted", "predicted_name", "probability_tta",
+                             "predicted_tta", "predicted_name_tta"]
     # The numbers in metrics.json are those of the predictions in the CSV (scikit-learn recomputes them).
     y = np.array([int(r["label"]) for r in rows])
     for suffix, section in (("", metrics), ("_tta", metrics["tta"])):
@@ -234,6 +240,19 @@ def test_evaluation_writes_metrics_predictions_and_every_plot(evaluation, run):
         assert section["auroc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-6)
         assert section["accuracy"] == pytest.approx(skm.accuracy_score(y, p >= section["threshold"]))
         assert [int(r[f"predicted{suffix}"]) for r in rows] == (p >= section["threshold"]).astype(int).tolist()
+
+
+def test_the_runs_test_evaluation_is_what_evaluate_reports_for_its_best_checkpoint(run, tmp_path):
+    """One evaluation path: the trainer's test of the best checkpoint (RUN/test/, threshold chosen on
+    valid by default) and `histo-dist evaluate` with the same options write the same files."""
+    shards, run_dir = run
+    cfg = eval_cfg(shards, run_dir / "checkpoints/best.pt", tmp_path / "out", threshold="youden", bootstrap=1000,
+                   batch_size=100)
+    results = evaluate(cfg)
+    assert load_json(run_dir / "test/metrics.json") == load_json(tmp_path / "out/metrics.json") == results
+    assert results["threshold_method"] == "youden" and results["step"] == torch.load(
+        run_dir / "checkpoints/best.pt", weights_only=True)["step"]
+    assert (run_dir / "test/predictions.csv").read_bytes() == (tmp_path / "out/predictions.csv").read_bytes()
 
 
 def test_threshold_is_chosen_on_valid_and_applied_unchanged_to_test(evaluation, run, tmp_path):

@@ -79,7 +79,10 @@ def test_png_folder_h5_and_shards_give_the_same_probabilities(run, inputs, tmp_p
     evaluated = read_csv(tmp_path / "eval/predictions.csv")
     np.testing.assert_allclose(by_index(evaluated), reference, rtol=0, atol=1e-6)
     tta = run_predict(best, inputs["png"], tmp_path / "png-tta.csv", tta=True)
-    np.testing.assert_allclose(by_index(tta), by_index(evaluated, "probability_tta"), rtol=0, atol=1e-6)
+    assert list(tta[0]) == ["key", "probability", "predicted", "predicted_name", "probability_tta", "predicted_tta",
+                            "predicted_name_tta"]  # the schema of evaluate's predictions.csv
+    np.testing.assert_allclose(by_index(tta), reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(by_index(tta, "probability_tta"), by_index(evaluated, "probability_tta"), rtol=0, atol=1e-6)
 
 
 def test_threshold_from_an_evaluation_is_applied(run, inputs, tmp_path):

@@ -8,24 +8,33 @@ Real processes throughout: `accelerate launch --multi_gpu --num_processes 2` (gl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from histo_dist.checkpoint import Checkpointer, load_checkpoint
-from histo_dist.train import EXIT_PREEMPTED, load_experiment
-from tests.shard_data import make_dataset
+from histo_dist.experiment import load_experiment
+from histo_dist.preemption import EXIT_PREEMPTED
+from tests.runs import (
+    BIN,
+    ENV,
+    ROOT,
+    assert_same_weights,
+    checkpointer,
+    final_state,
+    logged_step,
+    make_train_shards,
+    records,
+    results_of,
+    wait_for,
+)
+from tests.runs import train_cmd as _train_cmd
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-
+ENV_WANDB = {**ENV, "WANDB_MODE": "offline"}
 # A small, fast, deterministic setting on top of the shipped single-CPU test config.
 BASE = [
     "loader.batch_size=16", "loader.eval_batch_size=32", "loader.num_workers=1", "loader.shuffle_buffer=64",
@@ -36,24 +45,11 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train-shards")
-    make_dataset(root, {"train": [100, 92, 60], "valid": [48, 40], "test": [64]}, shape=(32, 32, 3), learnable=True)
-    return root
+    return make_train_shards(tmp_path_factory.mktemp("train-shards"))
 
 
 def train_cmd(shards: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "histo_dist", "train", "--config", str(ROOT / "configs/cpu_test.yaml"),
-            "--run-dir", str(run_dir), f"data.shards={shards}", *BASE, *overrides]
-
-
-def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = Checkpointer(run_dir / "checkpoints", load_experiment(None).checkpoint).newest_valid()
-    return load_checkpoint(newest)["model"]
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    return _train_cmd(shards, run_dir, *BASE, *overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +82,7 @@ def test_config_mistakes_fail_before_any_data_is_read(tmp_path):
 def reference_run(shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     out = subprocess.run(train_cmd(shards, run_dir, "tracking.wandb=true", "tracking.mode=offline"),
-                         capture_output=True, text=True, env=ENV, timeout=600)
+                         capture_output=True, text=True, env=ENV_WANDB, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
 
@@ -94,16 +90,16 @@ def reference_run(shards, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_cpu_test_config_trains_end_to_end_and_leaves_a_complete_run(reference_run):
     run = reference_run
-    for name in ("config.yaml", "provenance.json", "metrics.jsonl", "test_metrics.json", "checkpoints/best.pt",
-                 "plots/test_roc.png", "plots/test_confusion_matrix.png"):
+    for name in ("config.yaml", "provenance.json", "metrics.jsonl", "test/metrics.json", "test/predictions.csv",
+                 "checkpoints/best.pt", "test/roc.png", "test/confusion_matrix.png", "test/learning_curves.png"):
         assert (run / name).exists(), name
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["world_size"] == 1 and len(provenance["manifest_sha256"]) == 64
     assert provenance["packages"]["torch"]
-    assert len(Checkpointer(run / "checkpoints", load_experiment(None).checkpoint).step_paths()) <= 2  # keep_last
+    assert len(checkpointer(run).step_paths()) <= 2  # keep_last
     assert [r["step"] for r in records(run, "valid")] == [15, 30]  # 252 samples // 16 = 15 steps per epoch
-    test = json.loads((run / "test_metrics.json").read_text())
-    assert test["num_samples"] == 64
+    test = results_of(run)
+    assert test["num_samples"] == 64 and (test["threshold_method"], test["threshold_split"]) == ("youden", "valid")
     assert test["auroc"] > 0.75  # the centre square is learnable: well above chance after 30 steps
 
 
@@ -120,24 +116,8 @@ def test_wandb_offline_run_holds_the_logged_metrics(reference_run):
     assert summary["train/lr"] == pytest.approx(last_train["lr"])
     assert summary["train/images_per_s"] > 0
     assert summary["valid/auroc"] == pytest.approx(last_valid["auroc"])
-    assert summary["test/auroc"] == pytest.approx(json.loads((reference_run / "test_metrics.json").read_text())["auroc"])
+    assert summary["test/auroc"] == pytest.approx(results_of(reference_run)["auroc"])
     assert summary["test/roc"]["_type"] == "image-file"
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"run ended before the fault could be injected: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "timed out waiting for the run"
-        time.sleep(0.05)
-
-
-def _logged_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
 
 
 @pytest.mark.slow
@@ -146,17 +126,14 @@ def test_sigkill_then_resume_ends_bitwise_equal_to_uninterrupted(shards, referen
     run_dir = tmp_path / "run"
     cmd = train_cmd(shards, run_dir, "checkpoint.every_steps=3", "tracking.wandb=false")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    _wait_for(lambda: _logged_step(run_dir) >= kill_after_step, proc)
+    wait_for(lambda: logged_step(run_dir) >= kill_after_step, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stderr
-    expected, got = final_model(reference_run), final_model(run_dir)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    assert json.loads((run_dir / "test_metrics.json").read_text()) == json.loads((reference_run / "test_metrics.json").read_text())
+    assert_same_weights(final_state(reference_run)["model"], final_state(run_dir)["model"])
+    assert results_of(run_dir) == results_of(reference_run)
 
 
 @pytest.mark.slow
@@ -164,16 +141,15 @@ def test_preemption_signal_checkpoints_exits_for_requeue_and_resumes(shards, ref
     run_dir = tmp_path / "run"
     cmd = train_cmd(shards, run_dir, "tracking.wandb=false")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    _wait_for(lambda: _logged_step(run_dir) >= 4, proc)
+    wait_for(lambda: logged_step(run_dir) >= 4, proc)
     proc.send_signal(signal.SIGUSR1)
     proc.send_signal(signal.SIGUSR1)  # delivered twice, as SLURM may: the handler is idempotent
     assert proc.wait(timeout=120) == EXIT_PREEMPTED
-    saved = Checkpointer(run_dir / "checkpoints", load_experiment(None).checkpoint).newest_valid()
+    saved = checkpointer(run_dir).newest_valid()
     assert saved is not None and 4 <= load_checkpoint(saved)["step"] < 30
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    expected, got = final_model(reference_run), final_model(run_dir)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_weights(final_state(reference_run)["model"], final_state(run_dir)["model"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +159,8 @@ def test_preemption_signal_checkpoints_exits_for_requeue_and_resumes(shards, ref
 DRIVER = r"""
 import os, sys, torch
 from pathlib import Path
-from histo_dist.train import Trainer, load_experiment
+from histo_dist.experiment import load_experiment
+from histo_dist.train import Trainer
 out, batch, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cfg = load_experiment(sys.argv[4], sys.argv[5:])
 # Per-rank micro-batch as in a real run, so the schedule's length is the same for every layout.
@@ -203,7 +180,7 @@ for step in range(steps):
         a, b = lo + m * per_rank // k, lo + (m + 1) * per_rank // k
         trainer.train_step({"image": images[a:b], "label": labels[a:b], "seed": seeds[a:b]})
 assert trainer.step == steps, trainer.step
-values = trainer.evaluate(cfg.data.valid_split)
+values = trainer.valid_metrics()
 if acc.is_main_process:
     torch.save({"model": acc.unwrap_model(trainer.model).state_dict(), "lr": trainer.optimizer.param_groups[0]["lr"],
                 "valid": values}, out / "result.pt")
@@ -229,7 +206,7 @@ def run_driver(tmp_path: Path, shards: Path, processes: int, batch: int, steps: 
     return torch.load(out / "result.pt", weights_only=True)
 
 
-def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+def assert_close_weights(a: dict, b: dict, atol: float) -> None:
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol, rtol=1e-4), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
 
@@ -239,7 +216,7 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(tmp_path, shards):
     one = run_driver(tmp_path, shards, 1, 16, 6)
     two = run_driver(tmp_path, shards, 2, 16, 6)
     assert one["lr"] == two["lr"]  # the schedule stepped once per optimizer step, not once per process
-    assert_same_weights(one["model"], two["model"], atol=1e-5)
+    assert_close_weights(one["model"], two["model"], atol=1e-5)
     # Validation metrics from two ranks equal those from one rank (each sample counted once).
     assert two["valid"]["num_samples"] == one["valid"]["num_samples"] == 88
     for name in ("accuracy", "auroc", "f1", "precision", "recall", "balanced_accuracy", "nll"):
@@ -254,7 +231,7 @@ def test_gradient_accumulation_equals_a_k_times_larger_batch(tmp_path, shards):
     big = run_driver(tmp_path, shards, 1, 16, 5)
     accumulated = run_driver(tmp_path, shards, 1, 16, 5, "train.grad_accum_steps=4")
     assert big["lr"] == accumulated["lr"]
-    assert_same_weights(big["model"], accumulated["model"], atol=1e-5)
+    assert_close_weights(big["model"], accumulated["model"], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

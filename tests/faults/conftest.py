@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import ONE_RANK, SHAPE, SIZES, TWO_RANKS, run, train_cmd
+from tests.faults.harness import ONE_RANK, SHAPE, SIZES, TWO_RANKS, train_cmd
+from tests.runs import run
 from tests.shard_data import make_dataset
 
 

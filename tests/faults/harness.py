@@ -1,5 +1,5 @@
-"""What the fault tests share: a tiny learnable dataset, the training command for one or two real
-ranks, and helpers to wait for a step, find the rank processes of a launcher and check a run.
+"""What the fault tests share beyond tests/runs.py: their tiny dataset and run settings, and helpers
+to find the rank processes of a launcher, wait for a process group to go, and limit file sizes.
 
 One process or `accelerate launch --multi_gpu --num_processes 2` (gloo on the CPU), always with
 `train.deterministic=true`, so an interrupted-and-resumed run can be compared bitwise with an
@@ -8,24 +8,14 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-from histo_dist.checkpoint import CheckpointConfig, Checkpointer, load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-       "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+from tests.runs import train_cmd as _train_cmd
 
 # 192 training samples in 3 shards (12 steps per epoch on one rank, 6 on each of two), 64 valid, 32 test.
 SIZES = {"train": [64, 64, 64], "valid": [32, 32], "test": [32]}
@@ -40,41 +30,8 @@ TWO_RANKS = ["loader.num_workers=0", "tracking.log_every_steps=1", "checkpoint.e
 
 
 def train_cmd(shards: Path, run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
-    """`histo-dist train` on the shipped single-CPU config, in one process or under accelerate launch."""
-    args = ["-m", "histo_dist", "train", "--config", str(ROOT / "configs/cpu_test.yaml"), "--run-dir", str(run_dir),
-            f"data.shards={shards}", *BASE, *overrides]
-    if ranks == 1:
-        return [sys.executable, *args]
-    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(ranks), "--main_process_port", "0",
-            *args]
-
-
-def start(cmd: list[str]) -> subprocess.Popen:
-    """A run in its own session (process group): the whole job can be signalled as SLURM does."""
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True)
-
-
-def run(cmd: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, **kwargs)
-
-
-def logged_step(run_dir: Path) -> int:
-    """The last optimizer step rank 0 wrote to metrics.jsonl (0 before the first record)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before the fault could be injected: {proc.stderr.read()[-3000:]}")
-        assert time.monotonic() < deadline, "timed out waiting for the run"
-        time.sleep(0.02)
+    """The fault suite's run: BASE plus `overrides`, in one process or under accelerate launch."""
+    return _train_cmd(shards, run_dir, *BASE, *overrides, ranks=ranks)
 
 
 def rank_pids(launcher: subprocess.Popen, ranks: int, timeout: float = 60) -> dict[int, int]:
@@ -113,30 +70,6 @@ def wait_group_gone(pgid: int, timeout: float) -> float:
         assert time.monotonic() - t0 < timeout, f"processes of the job still running after {timeout} s"
         time.sleep(0.05)
     return time.monotonic() - t0
-
-
-def checkpointer(run_dir: Path) -> Checkpointer:
-    return Checkpointer(run_dir / "checkpoints", CheckpointConfig())
-
-
-def final_state(run_dir: Path) -> dict:
-    newest = checkpointer(run_dir).newest_valid()
-    assert newest is not None, f"no valid checkpoint in {run_dir}"
-    return load_checkpoint(newest)
-
-
-def assert_same_run(expected: Path, got: Path) -> None:
-    """Bitwise-equal final weights (and optimizer step) and equal test metrics."""
-    a, b = final_state(expected), final_state(got)
-    assert a["step"] == b["step"]
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert json.loads((got / "test_metrics.json").read_text()) == json.loads((expected / "test_metrics.json").read_text())
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def no_traceback(stderr: str) -> None:

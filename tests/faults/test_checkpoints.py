@@ -18,17 +18,9 @@ import pytest
 import torch
 
 from histo_dist.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, load_checkpoint
-from tests.faults.harness import (
-    ENV,
-    ONE_RANK,
-    assert_same_run,
-    checkpointer,
-    limit_file_size,
-    no_traceback,
-    run,
-    sha256,
-    train_cmd,
-)
+from histo_dist.files import sha256_file
+from tests.faults.harness import ONE_RANK, limit_file_size, no_traceback, train_cmd
+from tests.runs import ENV, assert_same_run, checkpointer, run
 
 
 def small_checkpoints(folder, steps=(2, 4)) -> Checkpointer:
@@ -82,7 +74,7 @@ def test_no_valid_checkpoint_at_all_starts_fresh_with_warnings(tmp_path, caplog)
 def test_resume_auto_skips_a_truncated_checkpoint_and_ends_bitwise_equal(shards, reference_one, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_one, run_dir)
-    for name in ("metrics.jsonl", "test_metrics.json"):
+    for name in ("metrics.jsonl", "test/metrics.json"):
         (run_dir / name).unlink()
     newest = checkpointer(run_dir).newest_valid()  # step 24, the end of the run
     newest.write_bytes(newest.read_bytes()[: 4096])
@@ -102,7 +94,7 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(s
     run_dir = tmp_path / "run"
     shutil.copytree(reference_one, run_dir)
     folder = run_dir / "checkpoints"
-    before = {p.name: sha256(p) for p in folder.iterdir()}
+    before = {p.name: sha256_file(p) for p in folder.iterdir()}
     # The finished run, continued for a third epoch: its checkpoint (17 MB) does not fit under 1 MB.
     out = subprocess.run(train_cmd(shards, run_dir, *ONE_RANK, "train.epochs=3"), capture_output=True, text=True,
                          env=ENV, timeout=300, preexec_fn=limit_file_size(1 << 20))
@@ -111,7 +103,7 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(s
     assert f"error: {folder / 'step-00000036.pt'}: cannot write checkpoint (File too large); " \
            "the previous checkpoints are untouched" in out.stderr
     no_traceback(out.stderr)
-    assert {p.name: sha256(p) for p in folder.iterdir()} == before  # no partial or temp file either
+    assert {p.name: sha256_file(p) for p in folder.iterdir()} == before  # no partial or temp file either
     for step in (12, 24):
         assert checkpointer(run_dir).is_valid(folder / f"step-{step:08d}.pt") == (True, "")
     assert load_checkpoint(checkpointer(run_dir).newest_valid())["step"] == 24
@@ -123,20 +115,20 @@ def test_disk_full_on_the_checksum_or_best_copy_never_leaves_a_valid_looking_par
     import histo_dist.checkpoint as ck
 
     ckpt = small_checkpoints(tmp_path, steps=(2,))
-    real = ck._write_then_rename
+    real = ck._write
     for fail_on in (".pt.sha256", "best.pt"):
         def failing(path, write, fail_on=fail_on):
             if path.name.endswith(fail_on):
                 raise OSError(28, "No space left on device")
             return real(path, write)
 
-        monkeypatch.setattr(ck, "_write_then_rename", failing)
+        monkeypatch.setattr(ck, "_write", failing)
         with pytest.raises(CheckpointError, match="No space left on device"):
             ckpt.save(4, {"step": 4}, is_best=True)
-        monkeypatch.setattr(ck, "_write_then_rename", real)
+        monkeypatch.setattr(ck, "_write", real)
         assert ckpt.newest_valid() in (ckpt.path_for(2), ckpt.path_for(4))
         assert load_checkpoint(ckpt.newest_valid())["step"] in (2, 4)
-        assert not list(tmp_path.glob(".*.tmp"))
+        assert not list(tmp_path.glob(".*.partial"))  # no temporary file left behind
         assert not (tmp_path / "best.pt").exists() or ckpt.is_valid(tmp_path / "best.pt")[0]
 
 
@@ -160,7 +152,7 @@ def malicious_checkpoint(path, marker, legacy: bool = False):
         path.write_bytes(pickle.dumps(state, protocol=2))
     else:
         torch.save(state, path)
-    digest = sha256(path)  # a matching checksum: only weights-only loading stands between it and the code
+    digest = sha256_file(path)  # a matching checksum: only weights-only loading stands between it and the code
     path.with_suffix(".pt.sha256").write_text(f"{digest}  {path.name}\n")
 
 
@@ -183,7 +175,8 @@ def test_loading_never_runs_code_from_the_file(tmp_path, legacy):
 
 
 def test_resume_auto_never_runs_code_from_a_checkpoint(shards, tmp_path, keep_signal_handlers):
-    from histo_dist.train import load_experiment, train
+    from histo_dist.experiment import load_experiment
+    from histo_dist.train import train
 
     marker = tmp_path / "code-ran"
     run_dir = tmp_path / "run"

@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from histo_dist.config import ConfigError, from_dict, to_dict
-from histo_dist.train import ExperimentConfig, load_experiment
-from tests.faults.harness import ENV, ROOT, no_traceback
+from histo_dist.experiment import ExperimentConfig, load_experiment
+from tests.faults.harness import no_traceback
+from tests.runs import ENV, ROOT
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -67,8 +68,10 @@ def wrong_type(tp) -> st.SearchStrategy:
     if typing.get_origin(tp) is typing.Literal:
         choices = typing.get_args(tp)
         return st.one_of(st.text().filter(lambda s: s not in choices), st.integers(), st.none(), containers)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # str | None
-        return st.one_of(st.integers(), st.floats(), st.booleans(), containers)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # str | None, float | str
+        args = typing.get_args(tp)
+        numbers = st.nothing() if float in args else st.one_of(st.integers(), st.floats())
+        return st.one_of(numbers, st.booleans(), containers, st.nothing() if type(None) in args else st.none())
     if typing.get_origin(tp) is tuple:  # tuple[float, ...] of a fixed length
         n = len(typing.get_args(tp))
         return st.one_of(st.text(), st.floats(), st.none(),
@@ -79,7 +82,7 @@ def wrong_type(tp) -> st.SearchStrategy:
 
 def out_of_range(path: str) -> st.SearchStrategy:
     if LEAVES[path] is int:
-        return st.integers(max_value=-1) | (st.integers(min_value=2**63) if path == "train.seed" else st.nothing())
+        return st.integers(max_value=-1) | (st.integers(min_value=2**63) if path.endswith(".seed") else st.nothing())
     bad = [math.nan, -math.inf, math.inf]
     return st.sampled_from(bad) | st.floats(max_value=-1e-9, allow_infinity=False, allow_nan=False)
 

@@ -22,7 +22,9 @@ from histo_dist.loader import LoaderConfig, ShardLoader
 from histo_dist.manifest import Manifest, sample_key
 from histo_dist.shards import ShardError, write_shard
 from histo_dist.verify import verify_dataset
-from tests.faults.harness import ENV, SHAPE, SIZES, limit_file_size, no_traceback, run, sha256, train_cmd
+from histo_dist.files import sha256_file
+from tests.faults.harness import SHAPE, SIZES, limit_file_size, no_traceback, train_cmd
+from tests.runs import ENV, run
 from tests.shard_data import encoded_image, label_of, make_dataset, member_offset, rewrite_shard
 from tests.source_data import cli, convert_args, write_pcam
 
@@ -153,7 +155,8 @@ def test_skipping_keeps_equal_full_length_epochs_and_counts_every_skipped_sample
 @pytest.mark.slow
 def test_training_with_skip_corrupt_counts_logs_and_reports_skipped_samples(shards, tmp_path, caplog,
                                                                            keep_signal_handlers):
-    from histo_dist.train import load_experiment, train
+    from histo_dist.experiment import load_experiment
+    from histo_dist.train import train
 
     root = copy_of(shards, tmp_path)
     lost = damaged_for_skipping(root)
@@ -171,7 +174,7 @@ def test_training_with_skip_corrupt_counts_logs_and_reports_skipped_samples(shar
     valid = [r for r in records if r["kind"] == "valid"]
     assert [r["skipped_samples"] for r in valid] == [lost["valid"]] * 2
     assert [r["num_samples"] for r in valid] == [64 - lost["valid"]] * 2
-    test = json.loads((run_dir / "test_metrics.json").read_text())
+    test = json.loads((run_dir / "test/metrics.json").read_text())
     assert test == results
     assert (test["skipped_samples"], test["num_samples"], test["train_skipped_samples"]) == (1, 31, 2 * lost["train"])
     text = caplog.text
@@ -253,16 +256,16 @@ def test_disk_full_while_writing_a_shard_is_a_clear_error_and_keeps_the_complete
     write_pcam(src, {"train": 48, "valid": 16, "test": 16})  # 5 shards of 16 (96x96 npy: 450 KB each)
     args = convert_args(src, out)
     assert cli(capsys, *args, "--part", "0/2")[0] == 0  # an earlier run wrote shards 0, 2, 4 of the plan
-    kept = {p.name: sha256(p) for p in out.glob("*.tar")}
+    kept = {p.name: sha256_file(p) for p in out.glob("*.tar")}
     assert sorted(kept) == ["test-000000.tar", "train-000000.tar", "train-000002.tar"]
     done = subprocess.run([sys.executable, "-m", "histo_dist", *args], capture_output=True, text=True, env=ENV,
                           timeout=120, preexec_fn=limit_file_size(100_000))
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"histo-dist convert: error: {out / 'train-000001.tar'}: cannot write shard (File too large)" in done.stderr
     no_traceback(done.stderr)
-    assert {p.name: sha256(p) for p in out.glob("*.tar")} == kept  # complete shards intact, no partial one
+    assert {p.name: sha256_file(p) for p in out.glob("*.tar")} == kept  # complete shards intact, no partial one
     assert not list(out.glob(".*.partial")) and not (out / "manifest.json").exists()
     # With space again, the same command completes the conversion.
     assert cli(capsys, *args)[0] == 0
     assert cli(capsys, "verify", out, "--no-progress")[0] == 0
-    assert all(sha256(out / name) == digest for name, digest in kept.items())
+    assert all(sha256_file(out / name) == digest for name, digest in kept.items())

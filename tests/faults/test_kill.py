@@ -16,17 +16,8 @@ import time
 
 import pytest
 
-from tests.faults.harness import (
-    TWO_RANKS,
-    assert_same_run,
-    logged_step,
-    rank_pids,
-    run,
-    start,
-    train_cmd,
-    wait_for,
-    wait_group_gone,
-)
+from tests.faults.harness import TWO_RANKS, rank_pids, train_cmd, wait_group_gone
+from tests.runs import assert_same_run, logged_step, run, start, wait_for
 
 TEARDOWN_BOUND_S = 60  # measured < 2 s: gloo fails the survivor's next collective, torchrun reaps the rest
 STEPS = 12  # 2 epochs x 6 steps on each of 2 ranks

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from histo_dist.checkpoint import load_checkpoint
-from tests.faults.harness import ONE_RANK, checkpointer, no_traceback, run, train_cmd
+from tests.faults.harness import ONE_RANK, no_traceback, train_cmd
+from tests.runs import checkpointer, run
 
 # The training command with the loss poisoned from optimizer step 8 on (no config can make the loss
 # NaN: non-finite settings are rejected up front, and images are uint8).

@@ -29,15 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from histo_dist.checkpoint import Checkpointer, load_checkpoint
-from histo_dist.train import load_experiment
-from tests.shard_data import make_dataset
+from tests.runs import BIN, ROOT, assert_same_weights, final_state, logged_step, make_train_shards, records, results_of
 from tests.slurm.cluster import Cluster, ClusterUnavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 JOB_ENV = {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "VENV": str(Path(sys.executable).parents[1])}
 
 # The same small, deterministic run for every training job (3 epochs x 15 steps of 2 x 8 samples).
@@ -65,9 +61,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slurm-shards")
-    make_dataset(root, {"train": [100, 92, 60], "valid": [48, 40], "test": [64]}, shape=(32, 32, 3), learnable=True)
-    return root
+    return make_train_shards(tmp_path_factory.mktemp("slurm-shards"))
 
 
 def submit_training(cluster: Cluster, script: str, submit_dir: Path, shards: Path, resources: list[str],
@@ -95,23 +89,9 @@ def assert_completed(cluster: Cluster, job_id: int, submit_dir: Path, timeout: f
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = Checkpointer(run_dir / "checkpoints", load_experiment(None).checkpoint).newest_valid()
-    state = load_checkpoint(newest)
-    assert state["step"] == TOTAL_STEPS, newest
+    state = final_state(run_dir)
+    assert state["step"] == TOTAL_STEPS, run_dir
     return state["model"]
-
-
-def assert_same_weights(expected: dict, got: dict) -> None:
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-
-
-def logged_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()), default=0)
 
 
 def wait_until(predicate, what: str, timeout: float = 120, poll: float = 0.2, cluster: Cluster | None = None,
@@ -145,12 +125,11 @@ def reference(cluster, shards, tmp_path_factory) -> tuple[int, Path, Path]:
 
 def test_train_sbatch_completes_with_metrics_and_an_offline_wandb_run(reference):
     job, submit_dir, run = reference
-    for name in ("config.yaml", "provenance.json", "metrics.jsonl", "test_metrics.json", "checkpoints/best.pt"):
+    for name in ("config.yaml", "provenance.json", "metrics.jsonl", "test/metrics.json", "checkpoints/best.pt"):
         assert (run / name).exists(), name
     assert json.loads((run / "provenance.json").read_text())["world_size"] == 2
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "valid"] == [15, 30, 45]
-    assert json.loads((run / "test_metrics.json").read_text())["num_samples"] == 64
+    assert [r["step"] for r in records(run, "valid")] == [15, 30, 45]
+    assert results_of(run)["num_samples"] == 64
     assert (submit_dir / f"histo-dist-{job}.out").exists()  # #SBATCH --output=%x-%j.out
     assert "launch/train.sh: cpu, 2 process(es) x 1 machine(s)" in job_log(submit_dir)
 
@@ -160,9 +139,9 @@ def test_train_sbatch_completes_with_metrics_and_an_offline_wandb_run(reference)
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)["summary"]
-    last_train = [r for r in records if r["kind"] == "train"][-1]
+    last_train = records(run, "train")[-1]
     assert summary["train/loss"] == pytest.approx(last_train["loss"])
-    assert summary["test/auroc"] == pytest.approx(json.loads((run / "test_metrics.json").read_text())["auroc"])
+    assert summary["test/auroc"] == pytest.approx(results_of(run)["auroc"])
 
 
 def test_preempted_twice_checkpoints_requeues_resumes_and_ends_bitwise_equal(cluster, shards, reference, tmp_path):
@@ -207,7 +186,7 @@ def test_preempted_twice_checkpoints_requeues_resumes_and_ends_bitwise_equal(clu
     assert "got SIGUSR1 (time limit near): forwarding to the job steps" in log
 
     assert_same_weights(final_weights(reference[2]), final_weights(run))
-    assert json.loads((run / "test_metrics.json").read_text()) == json.loads((reference[2] / "test_metrics.json").read_text())
+    assert results_of(run) == results_of(reference[2])
 
 
 def test_multinode_sbatch_over_two_nodes_equals_two_ranks_on_one(cluster, shards, reference, tmp_path):

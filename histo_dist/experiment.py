@@ -1,0 +1,144 @@
+"""The schema of a training run: one section per component, each passed only to its owner.
+
+    data      DataConfig        which shards and splits               (the trainer)
+    loader    LoaderConfig      per-rank streaming loaders            (loader.py)
+    augment   AugmentConfig     per-sample augmentation               (augment.py)
+    model     ModelConfig       architecture and weights              (models.py)
+    loss      LossConfig        the training loss                     (the trainer)
+    optim     OptimConfig       optimizer                             (optim.py)
+    schedule  ScheduleConfig    learning-rate schedule                (optim.py)
+    train     TrainConfig       the loop: length, precision, cadence  (the trainer)
+    test      EvalOptions       the best checkpoint's test evaluation (evaluation.py)
+    checkpoint CheckpointConfig saving and resuming                   (checkpoint.py)
+    tracking  TrackingConfig    metrics.jsonl, W&B, progress bar      (tracking.py)
+
+`histo-dist train --help-config [SECTION]` prints every field with its type, default and doc.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from histo_dist.augment import AugmentConfig
+from histo_dist.checkpoint import CheckpointConfig
+from histo_dist.config import load_config
+from histo_dist.evaluation import EvalOptions
+from histo_dist.loader import LoaderConfig
+from histo_dist.metrics import METRIC_NAMES
+from histo_dist.models import ModelConfig
+from histo_dist.optim import OptimConfig, ScheduleConfig
+from histo_dist.tracking import TrackingConfig
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/pcam"
+    """Folder with manifest.json and the shards (written by `histo-dist convert`)."""
+    train_split: str = "train"
+    """Split to train on."""
+    valid_split: str = "valid"
+    """Split for validation during training, for choosing the best checkpoint and the test threshold."""
+    test_split: str = "test"
+    """Split the best checkpoint is evaluated on after training ('' to skip)."""
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+    """Label smoothing (multi-class cross-entropy; for binary, targets move towards 0.5 by half of it)."""
+    pos_weight: float = 1.0
+    """Binary only: weight of positive samples in BCEWithLogitsLoss (for imbalanced data)."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.pos_weight < math.inf:
+            problems.append(f"pos_weight: must be > 0 and finite, got {self.pos_weight}")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the training split."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0: run all epochs)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (gradient accumulation, by Accelerate)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision (bf16 on H100/H200/A100; fp16 uses a gradient scaler)."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value (0: off)."""
+    channels_last: bool = True
+    """Keep model and inputs in channels_last memory format (faster convolutions on GPUs)."""
+    compile: bool = False
+    """torch.compile the model (slower start, faster steps on GPUs)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999), evaluated and
+    checkpointed as the model; 0 is off."""
+    seed: int = 0
+    """Seed of data order, augmentation and initialisation."""
+    deterministic: bool = False
+    """Use deterministic algorithms only (bitwise-reproducible on CPU; slower on GPUs)."""
+    cpu: bool = False
+    """Run on the CPU even when GPUs are present (test mode). Without GPUs the CPU is used anyway."""
+    eval_every_steps: int = 0
+    """Validate every N optimizer steps (0: at the end of every epoch)."""
+    best_metric: str = "auroc"
+    """Validation metric that picks the best checkpoint: accuracy, precision, recall, f1, auroc,
+    balanced_accuracy or nll (lower is better)."""
+    early_stopping_patience: int = 0
+    """Stop after this many validations without improvement of best_metric (0: never)."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("epochs", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.clip_grad_norm < math.inf:
+            problems.append(f"clip_grad_norm: must be >= 0 and finite, got {self.clip_grad_norm}")
+        if not 0 <= self.seed < 2**63:  # numpy seed sequences and the loader's uint64 arithmetic need it
+            problems.append(f"seed: must be in [0, 2**63), got {self.seed}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.best_metric not in METRIC_NAMES:
+            problems.append(f"best_metric: {self.best_metric!r} is not one of {', '.join(METRIC_NAMES)}")
+        return problems
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a training run needs; each section goes only to the component that owns it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: EvalOptions = field(default_factory=lambda: EvalOptions(threshold="youden"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.schedule.name == "plateau" and not self.data.valid_split:
+            problems.append("schedule.name: plateau needs validation (data.valid_split)")
+        if self.test.threshold_method and not self.data.valid_split:
+            problems.append(f"test.threshold: {self.test.threshold} is chosen on the validation split, and "
+                            "data.valid_split is empty; give a fixed threshold such as 0.5")
+        return problems
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Defaults, updated by the YAML file at `path`, updated by dotted `key=value` overrides."""
+    return load_config(ExperimentConfig, path, overrides)
