@@ -12,7 +12,7 @@ DEMO   ?= demo-out
 # against it.
 PIP := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(BIN)/python -m pip
 
-.PHONY: venv demo test clean
+.PHONY: venv demo lint test clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -31,7 +31,12 @@ demo: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/histo-dist evaluate --checkpoint $(DEMO)/run/checkpoints/best.pt --data $(DEMO)/shards --split test --threshold youden --tta --output $(DEMO)/eval
 	@echo "demo: run in $(DEMO)/run, evaluation (metrics.json, predictions.csv, plots) in $(DEMO)/eval"
 
-test: venv
+# Style first (ruff: formatting and a small rule set, pyproject.toml [tool.ruff]), then the suite.
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: venv lint
 	$(BIN)/python -m pytest
 
 clean:

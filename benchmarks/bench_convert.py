@@ -53,7 +53,11 @@ def make_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     base = np.array([225, 150, 200]) - coarse * np.array([100, 110, 60])
     x = np.empty((n, 96, 96, 3), np.uint8)
     for i in range(n):
-        im = Image.fromarray(base[i].astype(np.uint8)).resize((96, 96), Image.BICUBIC).filter(ImageFilter.GaussianBlur(1))
+        im = (
+            Image.fromarray(base[i].astype(np.uint8))
+            .resize((96, 96), Image.BICUBIC)
+            .filter(ImageFilter.GaussianBlur(1))
+        )
         x[i] = np.clip(np.asarray(im) + rng.normal(0, 4, (96, 96, 3)), 0, 255)
     return x, rng.integers(0, 2, n).astype(np.uint8), "blurred noise"
 
@@ -85,17 +89,33 @@ def decode_us(manifest: Manifest, limit: int = 2048) -> float:
 
 
 def bench(name: str, src: Path, out: Path, codec: str, workers: int, splits: str, samples_per_shard: int) -> dict:
-    cfg = from_dict(ConvertConfig, {
-        "input": str(src), "output": str(out), "codec": codec, "workers": workers, "splits": splits,
-        "samples_per_shard": samples_per_shard, "overwrite": True, "progress": False,
-    })
+    cfg = from_dict(
+        ConvertConfig,
+        {
+            "input": str(src),
+            "output": str(out),
+            "codec": codec,
+            "workers": workers,
+            "splits": splits,
+            "samples_per_shard": samples_per_shard,
+            "overwrite": True,
+            "progress": False,
+        },
+    )
     t0 = time.perf_counter()
     manifest = convert(cfg).manifest
     seconds = time.perf_counter() - t0
     n = manifest.total_samples
     shard_bytes = sum(sh.bytes for s in manifest.splits.values() for sh in s.shards)
-    row = {"dataset": name, "codec": codec, "workers": workers, "n": n, "img_s": n / seconds,
-           "bytes": shard_bytes / n, "decode_us": decode_us(manifest)}
+    row = {
+        "dataset": name,
+        "codec": codec,
+        "workers": workers,
+        "n": n,
+        "img_s": n / seconds,
+        "bytes": shard_bytes / n,
+        "decode_us": decode_us(manifest),
+    }
     shutil.rmtree(out)
     return row
 
@@ -120,8 +140,11 @@ def main() -> int:
         t0 = time.perf_counter()
         x, y, how = make_images(args.n)
         write_pcam_train(tmp / "synth", x, y)
-        print(f"made {args.n} synthetic patches ({how}) in {time.perf_counter() - t0:.1f} s; "
-              f"raw {x.nbytes / args.n:.0f} bytes/image; {os.cpu_count()} CPU(s)", flush=True)
+        print(
+            f"made {args.n} synthetic patches ({how}) in {time.perf_counter() - t0:.1f} s; "
+            f"raw {x.nbytes / args.n:.0f} bytes/image; {os.cpu_count()} CPU(s)",
+            flush=True,
+        )
         del x
         sets = [("synth", tmp / "synth", "train")]
         if args.real and (Path(args.real) / "camelyonpatch_level_2_split_train_x.h5").exists():
@@ -133,12 +156,17 @@ def main() -> int:
                     rows.append(row)
                     print(f"  done {name} {codec} workers={w}", flush=True)
 
-    header = f"{'dataset':<14}{'codec':<7}{'workers':>8}{'images':>8}{'convert img/s':>15}{'bytes/image':>13}{'decode us/img':>15}"
+    header = (
+        f"{'dataset':<14}{'codec':<7}{'workers':>8}{'images':>8}{'convert img/s':>15}{'bytes/image':>13}"
+        f"{'decode us/img':>15}"
+    )
     print()
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['dataset']:<14}{r['codec']:<7}{r['workers']:>8}{r['n']:>8}{r['img_s']:>15.0f}{r['bytes']:>13.0f}{r['decode_us']:>15.1f}")
+        print(
+            f"{r['dataset']:<14}{r['codec']:<7}{r['workers']:>8}{r['n']:>8}{r['img_s']:>15.0f}{r['bytes']:>13.0f}{r['decode_us']:>15.1f}"
+        )
     return 0
 
 

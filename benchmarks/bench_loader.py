@@ -84,7 +84,7 @@ def ours(shards: str, batch: int, workers: int, epochs: int = 3):
     batches = iter(loader)
     next(batches)  # start-up (worker fork, reading the first shuffle window) is not throughput
     best = (0, 1.0)
-    for epoch in range(epochs):  # the best epoch, as for the raw read's best pass
+    for _ in range(epochs):  # the best epoch, as for the raw read's best pass
         n, t = 0, time.perf_counter()
         for b in batches:
             n += len(b["label"])
@@ -100,7 +100,7 @@ def random_batches(ds, batch: int, limit: int):
     sampler = torch.utils.data.RandomSampler(ds, num_samples=limit)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=0)
     n, t = 0, time.perf_counter()
-    for images, labels in loader:
+    for _, labels in loader:
         n += len(labels)
     return n, time.perf_counter() - t
 
@@ -190,8 +190,14 @@ def main() -> None:
     shards = {}
     for codec in ("npy", "png", "jpeg"):
         shards[codec] = out / f"shards-{codec}"
-        convert(ConvertConfig(input=str(source), output=str(shards[codec]), codec=codec, splits="train", progress=False))
-    convert(ConvertConfig(input=str(source), output=str(out / "shards-unshuffled"), splits="train", shuffle=False, progress=False))
+        convert(
+            ConvertConfig(input=str(source), output=str(shards[codec]), codec=codec, splits="train", progress=False)
+        )
+    convert(
+        ConvertConfig(
+            input=str(source), output=str(out / "shards-unshuffled"), splits="train", shuffle=False, progress=False
+        )
+    )
     convert(ConvertConfig(input=str(big), output=str(out / "shards-4x"), splits="train", progress=False))
 
     results = {}
@@ -216,8 +222,10 @@ def main() -> None:
     for name, (rate, rss) in results.items():
         raw = results["raw tar read from page cache, 4x" if "4x" in name else "raw tar read from page cache (limit)"][0]
         print(f"{name:<48} {rate:>9.0f} {rate / baseline:>14.1f} {rate / raw:>7.2f} {rss:>9.0f}")
-    for name, folder, at_write in (("write-time shuffle + windows", shards["npy"], True),
-                                   ("windows only (no write-time shuffle)", out / "shards-unshuffled", False)):
+    for name, folder, at_write in (
+        ("write-time shuffle + windows", shards["npy"], True),
+        ("windows only (no write-time shuffle)", out / "shards-unshuffled", False),
+    ):
         same, ideal = shuffle_quality(str(folder), args.batch, at_write)
         print(f"shuffle, {name}: P(source neighbours in one batch) = {same:.4f} (ideal uniform shuffle {ideal:.4f})")
 

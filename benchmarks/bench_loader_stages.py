@@ -6,8 +6,9 @@
 Stages, each including the ones before: map every shard (mmap with MAP_POPULATE); index its
 samples (`index_shard`: tar headers, checked with numpy); prepare it for reading (labels, .npy
 header checks); the full in-process ShardLoader (shuffle windows, batches copied out of the
-mappings, seeds). Then, apart: mapping plus the header-by-header walk that irregular shards use. Best of 3 passes over the split's shards, warm page cache; the raw read of the
-same files is printed for scale.
+mappings, seeds). Then, apart: mapping plus the header-by-header walk that irregular shards use.
+Best of 3 passes over the split's shards, warm page cache; the raw read of the same files is
+printed for scale.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ def main() -> None:
 
     print(f"loader stages on {total} training samples, {len(files)} shards")
     previous = 0.0
-    for name, fn in (("raw read (for scale)", raw), ("map shards (MAP_POPULATE)", mapped),
-                     ("+ index samples", indexed), ("+ labels, .npy header checks", prepared),
-                     ("full loader (windows, batches)", full), ("(map + header walk, the fallback)", walked)):
+    for name, fn in (
+        ("raw read (for scale)", raw),
+        ("map shards (MAP_POPULATE)", mapped),
+        ("+ index samples", indexed),
+        ("+ labels, .npy header checks", prepared),
+        ("full loader (windows, batches)", full),
+        ("(map + header walk, the fallback)", walked),
+    ):
         best = 0.0
         for _ in range(3):
             t = time.perf_counter()

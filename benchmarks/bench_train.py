@@ -34,24 +34,37 @@ def main() -> None:
     args = parser.parse_args()
 
     from histo_dist.augment import normalize_only
-    from histo_dist.models import build_model
     from histo_dist.experiment import load_experiment
+    from histo_dist.models import build_model
     from histo_dist.train import Trainer
     from tests.shard_data import make_dataset
 
     tmp = Path(tempfile.mkdtemp())
     make_dataset(tmp / "shards", {"train": [args.batch * 4], "valid": [8], "test": [8]}, shape=(96, 96, 3))
-    cfg = load_experiment(None, [
-        f"data.shards={tmp / 'shards'}", f"model.name={args.model}", "augment.enabled=false", "tracking.wandb=false",
-        f"loader.batch_size={args.batch}", "loader.num_workers=0", "optim.name=adamw", "schedule.name=constant",
-        f"train.cpu={str(args.device == 'cpu').lower()}", f"train.mixed_precision={args.precision}",
-    ])
+    cfg = load_experiment(
+        None,
+        [
+            f"data.shards={tmp / 'shards'}",
+            f"model.name={args.model}",
+            "augment.enabled=false",
+            "tracking.wandb=false",
+            f"loader.batch_size={args.batch}",
+            "loader.num_workers=0",
+            "optim.name=adamw",
+            "schedule.name=constant",
+            f"train.cpu={str(args.device == 'cpu').lower()}",
+            f"train.mixed_precision={args.precision}",
+        ],
+    )
     g = torch.Generator().manual_seed(0)
-    batches = [{
-        "image": torch.randint(0, 256, (args.batch, 96, 96, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2),
-        "label": torch.randint(0, 2, (args.batch,), generator=g),
-        "seed": torch.arange(args.batch),
-    } for _ in range(args.steps)]
+    batches = [
+        {
+            "image": torch.randint(0, 256, (args.batch, 96, 96, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2),
+            "label": torch.randint(0, 2, (args.batch,), generator=g),
+            "seed": torch.arange(args.batch),
+        }
+        for _ in range(args.steps)
+    ]
 
     trainer = Trainer(cfg, tmp / "run")
     device = trainer.device
@@ -98,9 +111,13 @@ def main() -> None:
         results["ours"].append(ours())
         results["baseline"].append(baseline())
     best_ours, best_base = max(results["ours"]), max(results["baseline"])
-    print(f"train-loop benchmark: {args.model}, batch {args.batch}, {args.steps} steps x {args.repeats} repeats, "
-          f"{device.type}, precision {args.precision}")
-    print(f"  minimal PyTorch loop : {best_base:9.0f} img/s  (runs: {', '.join(f'{r:.0f}' for r in results['baseline'])})")
+    print(
+        f"train-loop benchmark: {args.model}, batch {args.batch}, {args.steps} steps x {args.repeats} repeats, "
+        f"{device.type}, precision {args.precision}"
+    )
+    print(
+        f"  minimal PyTorch loop : {best_base:9.0f} img/s  (runs: {', '.join(f'{r:.0f}' for r in results['baseline'])})"
+    )
     print(f"  histo-dist Trainer   : {best_ours:9.0f} img/s  (runs: {', '.join(f'{r:.0f}' for r in results['ours'])})")
     print(f"  overhead             : {100 * (best_base - best_ours) / best_base:+.1f}%  (target < 5%)")
     trainer.accelerator.end_training()

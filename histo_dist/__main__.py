@@ -1,3 +1,5 @@
-from histo_dist.cli import main
 import sys
+
+from histo_dist.cli import main
+
 sys.exit(main())

@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -128,7 +129,9 @@ class Checkpointer:
             p.with_suffix(".pt.sha256").unlink(missing_ok=True)
 
     def step_paths(self) -> list[Path]:
-        return sorted(p for p in self.folder.glob("step-*.pt") if STEP_FILE.match(p.name)) if self.folder.exists() else []
+        return (
+            sorted(p for p in self.folder.glob("step-*.pt") if STEP_FILE.match(p.name)) if self.folder.exists() else []
+        )
 
     @staticmethod
     def is_valid(path: Path) -> tuple[bool, str]:
@@ -195,12 +198,15 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(
             f"{path}: not a histo-dist training checkpoint: no {', '.join(repr(k) for k in missing)} "
-            f"(it has {', '.join(map(repr, list(state)[:8])) or 'nothing'}); pass RUN/checkpoints/best.pt or a step-*.pt file"
+            f"(it has {', '.join(map(repr, list(state)[:8])) or 'nothing'}); pass RUN/checkpoints/best.pt or a "
+            "step-*.pt file"
         )
     return state
 
 
-def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, torch.Tensor]:
+def strip_prefixes(
+    state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = WRAPPER_PREFIXES
+) -> dict[str, torch.Tensor]:
     """Keys without the prefixes wrappers add (repeatedly: a compiled model inside DDP has both)."""
     out = {}
     for key, value in state.items():

@@ -41,8 +41,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(module_name)
         description = module.__doc__.strip().split("\n\n")[0] if module.__doc__ else help_line
-        p = sub.add_parser(name, help=help_line, description=description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_line, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.configure(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -3,10 +3,10 @@
     histo-dist compare EVAL_A/ EVAL_B/metrics.json RUN_C/ [--format markdown|csv]
 
 Each argument is a metrics.json written by `histo-dist evaluate`, a folder holding one, or a run
-folder (its test/metrics.json, the evaluation of its best checkpoint at the end of training). An evaluation with TTA adds a
-second column (`NAME +TTA`). The best value of each metric is marked with `*` (lowest for NLL and
-ECE); `-` is a metric that evaluation does not have. AUROC and accuracy show their 95% bootstrap
-interval when one was computed.
+folder (its test/metrics.json, the evaluation of its best checkpoint at the end of training). An
+evaluation with TTA adds a second column (`NAME +TTA`). The best value of each metric is marked
+with `*` (lowest for NLL and ECE); `-` is a metric that evaluation does not have. AUROC and
+accuracy show their 95% bootstrap interval when one was computed.
 """
 
 from __future__ import annotations
@@ -20,8 +20,18 @@ from typing import Any
 
 from histo_dist.errors import HistoDistError
 
-ROWS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "average_precision",
-        "nll", "ece")
+ROWS = (
+    "accuracy",
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "auroc",
+    "average_precision",
+    "nll",
+    "ece",
+)
 LOWER_IS_BETTER = {"nll", "ece"}
 WITH_CI = ("auroc", "accuracy")
 
@@ -38,7 +48,9 @@ def find_metrics(location: str | Path) -> Path:
         for name in ("metrics.json", "test/metrics.json"):
             if (path / name).is_file():
                 return path / name
-        raise CompareError(f"{path}: holds neither metrics.json (histo-dist evaluate) nor test/metrics.json (a training run)")
+        raise CompareError(
+            f"{path}: holds neither metrics.json (histo-dist evaluate) nor test/metrics.json (a training run)"
+        )
     raise CompareError(f"{path}: no such file or folder")
 
 
@@ -87,8 +99,14 @@ def table(cols: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[list[
     info_row("split", lambda d: str(d.get("split", "test")))
     info_row("samples", lambda d: str(int(d["num_samples"])) if "num_samples" in d else "-")
     info_row("model", lambda d: str(d.get("model", "-")))
-    info_row("threshold", lambda d: (f"{d['threshold']:.3f} ({d.get('threshold_method', 'fixed')})"
-                                     if isinstance(d.get("threshold"), (int, float)) else "-"))
+    info_row(
+        "threshold",
+        lambda d: (
+            f"{d['threshold']:.3f} ({d.get('threshold_method', 'fixed')})"
+            if isinstance(d.get("threshold"), (int, float))
+            else "-"
+        ),
+    )
     for metric in ROWS:
         values = [d.get(metric) if isinstance(d.get(metric), (int, float)) else None for _, d in cols]
         if all(v is None for v in values):
@@ -119,16 +137,28 @@ def render(header: list[str], rows: list[list[str]], fmt: str = "text") -> str:
         return buf.getvalue()
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     if fmt == "markdown":
-        line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+        def line(r: list[str]) -> str:
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
         return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]) + "\n"
-    line = lambda r: "  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]).rstrip()
+
+    def line(r: list[str]) -> str:
+        return "  ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]).rstrip()
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)]) + "\n"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("evaluations", nargs="+", metavar="RUN_OR_METRICS",
-                        help="metrics.json files, folders holding one (histo-dist evaluate --output), or training run folders")
-    parser.add_argument("--format", choices=("text", "markdown", "csv"), default="text", help="table format (default: text)")
+    parser.add_argument(
+        "evaluations",
+        nargs="+",
+        metavar="RUN_OR_METRICS",
+        help="metrics.json files, folders holding one (histo-dist evaluate --output), or training run folders",
+    )
+    parser.add_argument(
+        "--format", choices=("text", "markdown", "csv"), default="text", help="table format (default: text)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,8 +27,9 @@ import re
 import textwrap
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -182,10 +183,16 @@ def _from_dict(cls: type[T], data: Any, path: str, problems: list[str]) -> T | N
     for name, f in fields.items():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         value = data.get(name)
-        if dataclasses.is_dataclass(hints[name]) and dataclasses.is_dataclass(default) and (value is None or isinstance(value, Mapping)):
+        if (
+            dataclasses.is_dataclass(hints[name])
+            and dataclasses.is_dataclass(default)
+            and (value is None or isinstance(value, Mapping))
+        ):
             # a section given in part (or not at all) completes the field's own default, which may
             # differ from the class defaults (field(default_factory=lambda: Optim(lr=0.1)))
-            kwargs[name] = _from_dict(hints[name], deep_merge(_as_data(default), value or {}), f"{prefix}{name}", problems)
+            kwargs[name] = _from_dict(
+                hints[name], deep_merge(_as_data(default), value or {}), f"{prefix}{name}", problems
+            )
         elif name in data:
             kwargs[name] = _convert(hints[name], data[name], f"{prefix}{name}", problems)
         elif dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING:

@@ -39,7 +39,15 @@ from histo_dist.manifest import (
     sample_key,
     shard_name,
 )
-from histo_dist.sources import Source, SplitSource, detect_format, open_imagefolder, open_kaggle, open_pcam, remove_files
+from histo_dist.sources import (
+    Source,
+    SplitSource,
+    detect_format,
+    open_imagefolder,
+    open_kaggle,
+    open_pcam,
+    remove_files,
+)
 
 PLAN_NAME = ".convert-plan.json"
 WORK_DIR = ".work"
@@ -98,8 +106,10 @@ class ConvertConfig:
             if self.part_slice is None:
                 problems.append(f"part: must be 'i/n' with 0 <= i < n, got {self.part!r}")
             elif self.overwrite:
-                problems.append("part: cannot be combined with overwrite (each task would remove the shards of the "
-                                "others); clear the output folder before submitting the tasks")
+                problems.append(
+                    "part: cannot be combined with overwrite (each task would remove the shards of the "
+                    "others); clear the output folder before submitting the tasks"
+                )
         bad = [s for s in self.split_list if s not in SPLITS]
         if bad or not self.split_list:
             problems.append(f"splits: {self.splits!r} must be a comma-separated subset of {','.join(SPLITS)}")
@@ -219,8 +229,11 @@ def resumable_shards(out: Path, fingerprint: dict, overwrite: bool) -> set[str]:
     old = json.loads(plan_path.read_text()) if plan_path.exists() else None
     if old != fingerprint:
         what = "a different conversion (other source or options)" if old else "shards of unknown origin"
-        fix = ("remove them (--overwrite only removes files named like this tool's)" if overwrite
-               else "pass --overwrite to replace them")
+        fix = (
+            "remove them (--overwrite only removes files named like this tool's)"
+            if overwrite
+            else "pass --overwrite to replace them"
+        )
         raise HistoDistError(f"{out}: holds {len(tars)} shard(s) from {what}; {fix} or choose another --output")
     return tars & set(fingerprint["shards"])
 
@@ -243,12 +256,16 @@ class ConvertReport:
 
     def summary(self, part: tuple[int, int] | None) -> str:
         if self.manifest is None:
-            return (f"part {part[0]}/{part[1]}: {self.complete} of {self.shards} shards complete in {self.out} "
-                    f"({self.written} written now); run the same command without --part to write the manifest")
+            return (
+                f"part {part[0]}/{part[1]}: {self.complete} of {self.shards} shards complete in {self.out} "
+                f"({self.written} written now); run the same command without --part to write the manifest"
+            )
         shard_bytes = sum(s.bytes for sp in self.manifest.splits.values() for s in sp.shards)
-        return (f"converted {self.images} images in {self.seconds:.1f} s ({self.images / self.seconds:.0f} img/s), "
-                f"{self.shards} shards, {shard_bytes / max(self.images, 1):.0f} bytes/image ({self.manifest.codec}) "
-                f"-> {self.out / MANIFEST_NAME}")
+        return (
+            f"converted {self.images} images in {self.seconds:.1f} s ({self.images / self.seconds:.0f} img/s), "
+            f"{self.shards} shards, {shard_bytes / max(self.images, 1):.0f} bytes/image ({self.manifest.codec}) "
+            f"-> {self.out / MANIFEST_NAME}"
+        )
 
 
 def convert(cfg: ConvertConfig) -> ConvertReport:
@@ -277,7 +294,9 @@ def convert(cfg: ConvertConfig) -> ConvertReport:
         remove_files([work_dir, *source.cleanup])
 
 
-def _convert_source(cfg: ConvertConfig, source: Source, in_root: Path, out: Path, kind: str, t0: float) -> ConvertReport:
+def _convert_source(
+    cfg: ConvertConfig, source: Source, in_root: Path, out: Path, kind: str, t0: float
+) -> ConvertReport:
     from tqdm import tqdm
 
     num_classes = len(source.label_names)
@@ -331,7 +350,9 @@ def _convert_source(cfg: ConvertConfig, source: Source, in_root: Path, out: Path
         written = np.sum([s.class_counts for s in shards], axis=0)
         if not np.array_equal(counts, written):  # a bug or a changed source, never silently
             raise HistoDistError(f"{out}: class counts of split {name} in shards {written} != source {counts}")
-        splits[name] = SplitInfo(split.num_samples, tuple(int(c) for c in counts), cfg.shuffle and name == "train", shards)
+        splits[name] = SplitInfo(
+            split.num_samples, tuple(int(c) for c in counts), cfg.shuffle and name == "train", shards
+        )
     manifest = Manifest(
         codec=cfg.codec,
         image_shape=tuple(int(d) for d in source.image_shape),

@@ -41,13 +41,14 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalConfig(InferenceOptions, EvalOptions):
+class EvalConfig(EvalOptions, InferenceOptions):
     data: str = ""
     """Shard folder (with manifest.json, written by `histo-dist convert`) holding the split."""
     split: str = "test"
     """Split of the shards to evaluate."""
     output: str = ""
-    """Folder for metrics.json, predictions.csv and the plots (created if missing; an earlier evaluation there is replaced)."""
+    """Folder for metrics.json, predictions.csv and the plots (created if missing; an earlier evaluation there is
+    replaced)."""
     threshold_split: str = "valid"
     """Split on which --threshold youden/f1 is chosen (never the evaluated split)."""
     wandb: bool = False
@@ -60,8 +61,10 @@ class EvalConfig(InferenceOptions, EvalOptions):
         problems = InferenceOptions.validate(self) + EvalOptions.validate(self)
         problems += [f"{name}: required" for name in ("data", "output") if not getattr(self, name)]
         if self.threshold_method and self.threshold_split == self.split:
-            problems.append(f"threshold_split: the threshold must be chosen on another split than the evaluated "
-                            f"one ({self.split!r}), or the test numbers are optimistic")
+            problems.append(
+                f"threshold_split: the threshold must be chosen on another split than the evaluated "
+                f"one ({self.split!r}), or the test numbers are optimistic"
+            )
         return problems
 
 
@@ -83,8 +86,10 @@ def evaluate(cfg: EvalConfig, accelerator=None) -> dict[str, Any]:
     check_classes(model, manifest.num_classes, manifest.label_names, where)
     check_size(model, manifest.image_shape[0], manifest.image_shape[1], where, cfg.resize)
     if not model.binary and spec != 0.5:
-        raise EvaluationError(f"--threshold {cfg.threshold}: thresholds apply to binary tasks; this {model.num_classes}-class "
-                              "model predicts the most probable class")
+        raise EvaluationError(
+            f"--threshold {cfg.threshold}: thresholds apply to binary tasks; this {model.num_classes}-class "
+            "model predicts the most probable class"
+        )
     if isinstance(spec, str) and cfg.threshold_split not in manifest.splits:
         raise EvaluationError(
             f"{where}: --threshold {spec} chooses the threshold on split {cfg.threshold_split!r}, which is not in this "
@@ -99,17 +104,33 @@ def evaluate(cfg: EvalConfig, accelerator=None) -> dict[str, Any]:
     acc = accelerator
     try:
         model.to(acc.device)
-        info = {"checkpoint": str(cfg.checkpoint), "step": model.step, "model": model.model_name, "weights": model.weights,
-                "data": str(manifest.root)}
+        info = {
+            "checkpoint": str(cfg.checkpoint),
+            "step": model.step,
+            "model": model.model_name,
+            "weights": model.weights,
+            "data": str(manifest.root),
+        }
         results, predictions = evaluate_split(
-            model, manifest, cfg.split, cfg, cfg.loader_config(), threshold_split=cfg.threshold_split,
-            rank=acc.process_index, world_size=acc.num_processes, device=acc.device, autocast=acc.autocast,
-            resize=cfg.resize, info=info, show_progress=cfg.progress,
+            model,
+            manifest,
+            cfg.split,
+            cfg,
+            cfg.loader_config(),
+            threshold_split=cfg.threshold_split,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            device=acc.device,
+            autocast=acc.autocast,
+            resize=cfg.resize,
+            info=info,
+            show_progress=cfg.progress,
         )
         if acc.is_main_process:
             run_dir = Path(cfg.checkpoint).resolve().parent.parent
-            images = write_evaluation(Path(cfg.output), results, predictions, plots=cfg.plots,
-                                      metrics_jsonl=run_dir / "metrics.jsonl")
+            images = write_evaluation(
+                Path(cfg.output), results, predictions, plots=cfg.plots, metrics_jsonl=run_dir / "metrics.jsonl"
+            )
             _log_wandb(cfg, results, images)
         acc.wait_for_everyone()
         return results
@@ -126,8 +147,13 @@ def _log_wandb(cfg: EvalConfig, results: dict[str, Any], images: dict[str, Path]
     if run is None and cfg.wandb:
         import wandb
 
-        run = wandb.init(project=cfg.wandb_project, job_type="evaluate", dir=cfg.output,
-                         name=f"eval-{Path(cfg.checkpoint).resolve().parent.parent.name}-{cfg.split}", config=asdict(cfg))
+        run = wandb.init(
+            project=cfg.wandb_project,
+            job_type="evaluate",
+            dir=cfg.output,
+            name=f"eval-{Path(cfg.checkpoint).resolve().parent.parent.name}-{cfg.split}",
+            config=asdict(cfg),
+        )
         started = True
     if run is None:
         return
@@ -145,9 +171,14 @@ def _log_wandb(cfg: EvalConfig, results: dict[str, Any], images: dict[str, Path]
 def print_summary(results: dict[str, Any], out: Path) -> None:
     def line(name: str, r: dict[str, Any]) -> str:
         ci = r.get("ci95") or {}
-        fmt = lambda k: f"{k} {r[k]:.4f}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else "")
+
+        def fmt(k: str) -> str:
+            return f"{k} {r[k]:.4f}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if ci.get(k) else "")
+
         thr = f" at threshold {r['threshold']:.4f} ({r['threshold_method']})" if r.get("threshold") is not None else ""
-        return f"{name}: {fmt('auroc')}, {fmt('accuracy')}, f1 {r['f1']:.4f}, nll {r['nll']:.4f}, ece {r['ece']:.4f}{thr}"
+        return (
+            f"{name}: {fmt('auroc')}, {fmt('accuracy')}, f1 {r['f1']:.4f}, nll {r['nll']:.4f}, ece {r['ece']:.4f}{thr}"
+        )
 
     print(f"{results['split']} ({results['num_samples']} samples, {results['model']} {results['weights']} weights):")
     print("  " + line("plain", results))

@@ -27,9 +27,10 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any
 
 import torch
 
@@ -47,8 +48,17 @@ from histo_dist.metrics import (
 log = logging.getLogger(__name__)
 
 TTA_VIEWS = 8
-OUTPUT_FILES = ("metrics.json", "predictions.csv", "learning_curves.png", "roc.png", "pr.png", "confusion_matrix.png",
-                "confusion_matrix_tta.png", "reliability.png", "errors.png")
+OUTPUT_FILES = (
+    "metrics.json",
+    "predictions.csv",
+    "learning_curves.png",
+    "roc.png",
+    "pr.png",
+    "confusion_matrix.png",
+    "confusion_matrix_tta.png",
+    "reliability.png",
+    "errors.png",
+)
 """What an evaluation folder holds (metrics.json is written last: the mark of a complete set)."""
 
 
@@ -117,8 +127,9 @@ class ErrorExamples:
         self.k = k
         self.items: dict[str, list[dict]] = {}
 
-    def update(self, probs: torch.Tensor, labels: torch.Tensor, threshold: float | None, keys: list[str],
-               images: torch.Tensor) -> None:
+    def update(
+        self, probs: torch.Tensor, labels: torch.Tensor, threshold: float | None, keys: list[str], images: torch.Tensor
+    ) -> None:
         for kind, scores in error_scores(probs, labels, threshold).items():
             current = self.items.setdefault(kind, [])
             if self.k == 0:
@@ -127,8 +138,15 @@ class ErrorExamples:
             if len(candidates) > self.k:
                 candidates = candidates[torch.topk(scores[candidates], self.k).indices]
             for i in candidates.tolist():
-                current.append({"key": keys[i], "label": int(labels[i]), "score": float(scores[i]),
-                                "probability": probs[i].tolist(), "image": images[i].permute(1, 2, 0).contiguous().numpy()})
+                current.append(
+                    {
+                        "key": keys[i],
+                        "label": int(labels[i]),
+                        "score": float(scores[i]),
+                        "probability": probs[i].tolist(),
+                        "image": images[i].permute(1, 2, 0).contiguous().numpy(),
+                    }
+                )
             self.items[kind] = self.merge([current], self.k)
 
     @staticmethod
@@ -155,9 +173,19 @@ Batches = Iterable[tuple[list[str], torch.Tensor, "torch.Tensor | None"]]
 
 
 @torch.no_grad()
-def predict_batches(model, batches: Batches, *, device: torch.device | str, autocast: Callable[[], ContextManager],
-                    tta: bool = False, resize: bool = False, where: str = "input", error_examples: int = 0,
-                    error_threshold: float | None = None, progress: Callable[[int], None] | None = None) -> SplitPredictions:
+def predict_batches(
+    model,
+    batches: Batches,
+    *,
+    device: torch.device | str,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    tta: bool = False,
+    resize: bool = False,
+    where: str = "input",
+    error_examples: int = 0,
+    error_threshold: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SplitPredictions:
     """Probabilities for every image of `batches` with `model` (an `inference.InferenceModel`), in the order
     read. With `error_examples`, the most confident errors at `error_threshold` are kept with their images."""
     keys, labels, probs, probs_tta = [], [], [], []
@@ -198,10 +226,22 @@ def _all_gather(obj: Any) -> list[Any]:
     return parts
 
 
-def predict_split(model, manifest, split: str, loader_cfg, *, rank: int, world_size: int, device: torch.device | str,
-                  autocast: Callable[[], ContextManager] = contextlib.nullcontext, tta: bool = False,
-                  resize: bool = False, error_examples: int = 0, error_threshold: float | None = None,
-                  show_progress: bool = False) -> SplitPredictions:
+def predict_split(
+    model,
+    manifest,
+    split: str,
+    loader_cfg,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    tta: bool = False,
+    resize: bool = False,
+    error_examples: int = 0,
+    error_threshold: float | None = None,
+    show_progress: bool = False,
+) -> SplitPredictions:
     """Predictions for every sample of `split`, gathered on every rank and sorted by key. A collective:
     every rank calls it. Each rank reads its own part; the total is checked against the manifest."""
     from tqdm import tqdm
@@ -219,19 +259,37 @@ def predict_split(model, manifest, split: str, loader_cfg, *, rank: int, world_s
             if len(batch["key"]):
                 yield batch["key"], batch["image"], batch["label"]
 
-    with tqdm(total=loader.rank_samples * world_size, desc=f"evaluate {split}", unit="img", leave=False,
-              disable=not (rank == 0 and show_progress), dynamic_ncols=True) as bar:
-        mine = predict_batches(model, batches(), device=device, autocast=autocast, tta=tta, resize=resize, where=where,
-                               error_examples=error_examples, error_threshold=error_threshold,
-                               progress=lambda n: bar.update(n * world_size))
+    with tqdm(
+        total=loader.rank_samples * world_size,
+        desc=f"evaluate {split}",
+        unit="img",
+        leave=False,
+        disable=not (rank == 0 and show_progress),
+        dynamic_ncols=True,
+    ) as bar:
+        mine = predict_batches(
+            model,
+            batches(),
+            device=device,
+            autocast=autocast,
+            tta=tta,
+            resize=resize,
+            where=where,
+            error_examples=error_examples,
+            error_threshold=error_threshold,
+            progress=lambda n: bar.update(n * world_size),
+        )
     mine.skipped = skipped
     parts = _all_gather(mine)
     keys = [k for p in parts for k in p.keys]
     skipped = sum(p.skipped for p in parts)
     expected = manifest.split(split).num_samples
     if len(keys) + skipped != expected:
-        raise EvaluationError(f"{where}: the evaluation counted {len(keys)} samples across {world_size} rank(s)"
-                              + (f" and skipped {skipped} as corrupt" if skipped else "") + f", the manifest has {expected}")
+        raise EvaluationError(
+            f"{where}: the evaluation counted {len(keys)} samples across {world_size} rank(s)"
+            + (f" and skipped {skipped} as corrupt" if skipped else "")
+            + f", the manifest has {expected}"
+        )
     if len(set(keys)) != len(keys):
         raise EvaluationError(f"{where}: some sample keys occur twice; run `histo-dist verify {manifest.root}`")
     if skipped:
@@ -261,10 +319,22 @@ def validate_split(model, manifest, split: str, loader_cfg, **where) -> dict[str
     return values
 
 
-def evaluate_split(model, manifest, split: str, opts: EvalOptions, loader_cfg, *, threshold_split: str,
-                   rank: int, world_size: int, device: torch.device | str,
-                   autocast: Callable[[], ContextManager] = contextlib.nullcontext, resize: bool = False,
-                   info: dict[str, Any] | None = None, show_progress: bool = False) -> tuple[dict[str, Any], SplitPredictions]:
+def evaluate_split(
+    model,
+    manifest,
+    split: str,
+    opts: EvalOptions,
+    loader_cfg,
+    *,
+    threshold_split: str,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    resize: bool = False,
+    info: dict[str, Any] | None = None,
+    show_progress: bool = False,
+) -> tuple[dict[str, Any], SplitPredictions]:
     """The full evaluation of `split` (a collective): (results, predictions). The threshold is fixed or
     chosen on `threshold_split` (with TTA, the TTA threshold on TTA probabilities). Results, as in
     metrics.json: `info`, then the metrics at that threshold with bootstrap intervals, and a "tta"
@@ -273,21 +343,35 @@ def evaluate_split(model, manifest, split: str, opts: EvalOptions, loader_cfg, *
     spec = parse_threshold(opts.threshold)
     binary = model.binary
     if not binary and spec != 0.5:
-        raise EvaluationError(f"threshold {opts.threshold}: thresholds apply to binary tasks; this {model.num_classes}-class "
-                              "model predicts the most probable class")
-    where = dict(rank=rank, world_size=world_size, device=device, autocast=autocast, resize=resize, show_progress=show_progress)
+        raise EvaluationError(
+            f"threshold {opts.threshold}: thresholds apply to binary tasks; this {model.num_classes}-class "
+            "model predicts the most probable class"
+        )
+    where = dict(
+        rank=rank, world_size=world_size, device=device, autocast=autocast, resize=resize, show_progress=show_progress
+    )
     threshold = threshold_tta = None
     if binary:
         threshold = threshold_tta = spec if isinstance(spec, float) else None
         if isinstance(spec, str):
             if threshold_split == split:
-                raise EvaluationError(f"the threshold must be chosen on another split than the evaluated one ({split!r}), "
-                                      "or the numbers are optimistic")
+                raise EvaluationError(
+                    f"the threshold must be chosen on another split than the evaluated one ({split!r}), "
+                    "or the numbers are optimistic"
+                )
             valid = predict_split(model, manifest, threshold_split, loader_cfg, tta=opts.tta, **where)
             threshold = choose_threshold(valid.probs, valid.labels, spec)
             threshold_tta = choose_threshold(valid.probs_tta, valid.labels, spec) if opts.tta else None
-    pred = predict_split(model, manifest, split, loader_cfg, tta=opts.tta, error_examples=opts.error_examples,
-                         error_threshold=threshold, **where)
+    pred = predict_split(
+        model,
+        manifest,
+        split,
+        loader_cfg,
+        tta=opts.tta,
+        error_examples=opts.error_examples,
+        error_threshold=threshold,
+        **where,
+    )
     names = list(manifest.label_names)
     results: dict[str, Any] = {
         **(info or {}),
@@ -300,17 +384,27 @@ def evaluate_split(model, manifest, split: str, opts: EvalOptions, loader_cfg, *
     if pred.skipped:
         results["skipped_samples"] = pred.skipped
     if rank == 0:
-        threshold_info = {"threshold_method": spec if isinstance(spec, str) else "fixed",
-                          "threshold_split": threshold_split if isinstance(spec, str) else None} if binary else {}
+        threshold_info = (
+            {
+                "threshold_method": spec if isinstance(spec, str) else "fixed",
+                "threshold_split": threshold_split if isinstance(spec, str) else None,
+            }
+            if binary
+            else {}
+        )
         results.update(_section(pred.probs, pred.labels, threshold, names, opts), **threshold_info)
         if opts.tta:
-            results["tta"] = {"views": TTA_VIEWS, **_section(pred.probs_tta, pred.labels, threshold_tta, names, opts),
-                              **threshold_info}
+            results["tta"] = {
+                "views": TTA_VIEWS,
+                **_section(pred.probs_tta, pred.labels, threshold_tta, names, opts),
+                **threshold_info,
+            }
     return results, pred
 
 
-def _section(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None, names: list[str],
-             opts: EvalOptions) -> dict[str, Any]:
+def _section(
+    probs: torch.Tensor, labels: torch.Tensor, threshold: float | None, names: list[str], opts: EvalOptions
+) -> dict[str, Any]:
     values = compute_metrics(probs, labels, threshold, names)
     if opts.bootstrap:
         values["ci95"] = bootstrap_ci(probs, labels, threshold, opts.bootstrap, opts.seed)
@@ -331,8 +425,13 @@ def scalars(results: dict[str, Any]) -> dict[str, float]:
 # Outputs (main process)
 
 
-def write_predictions(path: Path, pred: SplitPredictions, label_names: list[str], threshold: float | None,
-                      threshold_tta: float | None = None) -> None:
+def write_predictions(
+    path: Path,
+    pred: SplitPredictions,
+    label_names: list[str],
+    threshold: float | None,
+    threshold_tta: float | None = None,
+) -> None:
     """predictions.csv, one row per sample, the same schema for `evaluate` and `predict`: key, label (when
     known), then binary: probability (of the positive class), predicted (at the threshold), predicted_name;
     multi-class: predicted, predicted_name, probability (of the predicted class), prob_<class> per class.
@@ -351,11 +450,20 @@ def write_predictions(path: Path, pred: SplitPredictions, label_names: list[str]
             columns.append([p.tolist(), predicted.tolist(), [label_names[i] for i in predicted.tolist()]])
         else:
             confidence, predicted = p.max(1)
-            header += [f"predicted{suffix}", f"predicted_name{suffix}", f"probability{suffix}",
-                       *(f"prob_{n}{suffix}" for n in label_names)]
-            columns.append([predicted.tolist(), [label_names[i] for i in predicted.tolist()], confidence.tolist(),
-                            *p.T.tolist()])
-    rows = [pred.keys] + ([pred.labels.tolist()] if pred.labels is not None else []) + [c for cols in columns for c in cols]
+            header += [
+                f"predicted{suffix}",
+                f"predicted_name{suffix}",
+                f"probability{suffix}",
+                *(f"prob_{n}{suffix}" for n in label_names),
+            ]
+            columns.append(
+                [predicted.tolist(), [label_names[i] for i in predicted.tolist()], confidence.tolist(), *p.T.tolist()]
+            )
+    rows = (
+        [pred.keys]
+        + ([pred.labels.tolist()] if pred.labels is not None else [])
+        + [c for cols in columns for c in cols]
+    )
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(header)
@@ -363,8 +471,14 @@ def write_predictions(path: Path, pred: SplitPredictions, label_names: list[str]
     write_atomic(path, text.getvalue())
 
 
-def write_evaluation(folder: Path, results: dict[str, Any], pred: SplitPredictions, *, plots: bool = True,
-                     metrics_jsonl: Path | None = None) -> dict[str, Path]:
+def write_evaluation(
+    folder: Path,
+    results: dict[str, Any],
+    pred: SplitPredictions,
+    *,
+    plots: bool = True,
+    metrics_jsonl: Path | None = None,
+) -> dict[str, Path]:
     """One evaluation's files in `folder`: predictions.csv, the plots, then metrics.json. Outputs of an
     earlier evaluation there go first, metrics.json before anything else. Returns {plot name: path}."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -377,8 +491,17 @@ def write_evaluation(folder: Path, results: dict[str, Any], pred: SplitPredictio
     if plots:
         from histo_dist.plots import save_evaluation_plots
 
-        images, notes = save_evaluation_plots(folder, pred.probs, pred.labels, names, results, pred.probs_tta,
-                                              pred.errors, metrics_jsonl, title=f"{results['split']} split")
+        images, notes = save_evaluation_plots(
+            folder,
+            pred.probs,
+            pred.labels,
+            names,
+            results,
+            pred.probs_tta,
+            pred.errors,
+            metrics_jsonl,
+            title=f"{results['split']} split",
+        )
         results["plots"] = {k: p.name for k, p in images.items()}
         results["plot_notes"] = notes
         for note in notes:

@@ -134,8 +134,10 @@ class ExperimentConfig:
         if self.schedule.name == "plateau" and not self.data.valid_split:
             problems.append("schedule.name: plateau needs validation (data.valid_split)")
         if self.test.threshold_method and not self.data.valid_split:
-            problems.append(f"test.threshold: {self.test.threshold} is chosen on the validation split, and "
-                            "data.valid_split is empty; give a fixed threshold such as 0.5")
+            problems.append(
+                f"test.threshold: {self.test.threshold} is chosen on the validation split, and "
+                "data.valid_split is empty; give a fixed threshold such as 0.5"
+            )
         return problems
 
 

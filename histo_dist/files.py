@@ -14,8 +14,9 @@ import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 PARTIAL_SUFFIX = ".partial"
 

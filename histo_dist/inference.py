@@ -24,9 +24,10 @@ import contextlib
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,8 @@ class InferenceOptions:
     num_workers: int = 1
     """Loader worker processes per rank for shard input (0 reads in the main process)."""
     resize: bool = False
-    """Resize images of another size than the model was trained on (bilinear, antialiased); without it they are an error."""
+    """Resize images of another size than the model was trained on (bilinear, antialiased); without it they are an
+    error."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision of the forward passes."""
     cpu: bool = False
@@ -192,11 +194,15 @@ def check_classes(model: InferenceModel, num_classes: int, label_names: Sequence
     if num_classes != model.num_classes:
         raise DataMismatchError(
             f"{model.path} was trained for {model.num_classes} classes ({', '.join(model.label_names)}), "
-            f"but {where} has {num_classes} ({', '.join(label_names)}): evaluate a checkpoint trained on this kind of data"
+            f"but {where} has {num_classes} ({', '.join(label_names)}): evaluate a checkpoint trained on this kind "
+            "of data"
         )
     if tuple(label_names) != tuple(model.label_names):
-        log.warning("label names differ: checkpoint %s, data %s (taken as the same classes, in this order)",
-                    ", ".join(model.label_names), ", ".join(label_names))
+        log.warning(
+            "label names differ: checkpoint %s, data %s (taken as the same classes, in this order)",
+            ", ".join(model.label_names),
+            ", ".join(label_names),
+        )
 
 
 def check_size(model: InferenceModel, height: int, width: int, where: str, resize: bool) -> None:

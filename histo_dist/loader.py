@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,8 +138,16 @@ def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
 
 
 def worker_plan(
-    shard_sizes: list[int], *, seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
-    worker: int, batch_size: int, training: bool,
+    shard_sizes: list[int],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    worker: int,
+    batch_size: int,
+    training: bool,
 ) -> WorkerPlan:
     """What worker `worker` of rank `rank` reads in `epoch` (num_workers counts loader workers; 0 -> 1)."""
     workers = max(num_workers, 1)
@@ -173,8 +182,11 @@ def worker_plan(
 def augmentation_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
     """One 63-bit seed per sample from (seed, epoch, stream position): splitmix64 finaliser."""
     with np.errstate(over="ignore"):
-        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(epoch) * np.uint64(0xBF58476D1CE4E5B9)
-             + positions.astype(np.uint64) * np.uint64(0x94D049BB133111EB))
+        z = (
+            np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+            + np.uint64(epoch) * np.uint64(0xBF58476D1CE4E5B9)
+            + positions.astype(np.uint64) * np.uint64(0x94D049BB133111EB)
+        )
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
@@ -188,7 +200,7 @@ def augmentation_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarr
 class _EpochStream(torch.utils.data.IterableDataset):
     """The batches of one rank for one epoch, produced by the DataLoader's workers."""
 
-    def __init__(self, loader: "ShardLoader", epoch: int, start_batch: int, num_workers: int):
+    def __init__(self, loader: ShardLoader, epoch: int, start_batch: int, num_workers: int):
         self.urls = loader.shard_urls
         self.shard_sizes = loader.shard_sizes
         self.codec, self.shape, self.num_classes = loader.codec, loader.shape, loader.num_classes
@@ -218,8 +230,15 @@ class _EpochStream(torch.utils.data.IterableDataset):
         # that produces batch `start_batch` (batch b of an epoch comes from worker b % workers).
         worker = (physical + self.start_batch) % workers
         plan = worker_plan(
-            self.shard_sizes, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-            num_workers=self.num_workers, worker=worker, batch_size=self.batch_size, training=self.training,
+            self.shard_sizes,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            worker=worker,
+            batch_size=self.batch_size,
+            training=self.training,
         )
         skip = self.start_batch // workers + (worker < self.start_batch % workers)
         skip_samples = skip * self.batch_size
@@ -240,7 +259,9 @@ class _EpochStream(torch.utils.data.IterableDataset):
             if self.training and self.buffer > 1:
                 # A new order over the window's samples, from (seed, epoch, rank, worker, window): a
                 # window can be skipped (resume) without drawing its numbers.
-                rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, window, 0xB0F]))
+                rng = np.random.default_rng(
+                    np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, window, 0xB0F])
+                )
                 refs = refs[rng.permutation(len(refs))]
             pending.append(refs)
             while read - batched >= self.batch_size or (read == plan.num_samples and read > batched):
@@ -253,33 +274,47 @@ class _EpochStream(torch.utils.data.IterableDataset):
             for j in [j for j in opened if j not in still_needed]:
                 del opened[j]  # the last view of a shard's mapping goes: it is unmapped
         if read > skip_samples and batched != plan.num_samples:  # (all skipped: resumed at the worker's end)
-            raise ShardError(f"rank {self.rank} worker {worker}: cut {batched} samples into batches, planned {plan.num_samples}")
+            raise ShardError(
+                f"rank {self.rank} worker {worker}: cut {batched} samples into batches, planned {plan.num_samples}"
+            )
 
-    def _open(self, seg: Segment) -> "_OpenShard":
+    def _open(self, seg: Segment) -> _OpenShard:
         """Index the shard of a segment and check it against the manifest and the split."""
         url, planned = self.urls[seg.shard], self.shard_sizes[seg.shard]
         index = index_shard(load_shard(url), url, limit=seg.stop)
         if len(index) > planned or (index.more and seg.stop == planned):
-            raise ShardError(f"{url}: holds more samples than the manifest's {planned}; "
-                             "it does not belong to this manifest (run `histo-dist verify`)")
+            raise ShardError(
+                f"{url}: holds more samples than the manifest's {planned}; "
+                "it does not belong to this manifest (run `histo-dist verify`)"
+            )
         if len(index) < seg.stop and not index.broken:  # an intact tar with fewer samples: a mismatch
-            raise ShardError(f"{url}: ends after {len(index)} samples, the manifest says {planned}; "
-                             "the shard does not belong to this manifest (run `histo-dist verify`)")
+            raise ShardError(
+                f"{url}: ends after {len(index)} samples, the manifest says {planned}; "
+                "the shard does not belong to this manifest (run `histo-dist verify`)"
+            )
         if index.broken:
             if not self.skip_corrupt:
                 raise ShardError(index.broken)
             lost = max(0, seg.stop - max(len(index), seg.start))
-            log.warning("%s: ends after %d samples, the manifest says %d (%s); skipping the %d sample(s) of it "
-                        "planned here (loader.skip_corrupt)", url, len(index), planned,
-                        index.broken.removeprefix(f"{url}: "), lost)
+            log.warning(
+                "%s: ends after %d samples, the manifest says %d (%s); skipping the %d sample(s) of it "
+                "planned here (loader.skip_corrupt)",
+                url,
+                len(index),
+                planned,
+                index.broken.removeprefix(f"{url}: "),
+                lost,
+            )
         prefix = f"{self.split}_"
         for key in index.keys[seg.start : seg.stop]:
             if not key.startswith(prefix):
-                raise ShardError(f"{url}: sample {key!r} is not of split {self.split!r}: a shard of another "
-                                 "split or conversion (run `histo-dist verify`)")
+                raise ShardError(
+                    f"{url}: sample {key!r} is not of split {self.split!r}: a shard of another "
+                    "split or conversion (run `histo-dist verify`)"
+                )
         return _OpenShard(index, self.codec, self.shape)
 
-    def _collate(self, refs: np.ndarray, opened: dict[int, "_OpenShard"]) -> dict[str, Any]:
+    def _collate(self, refs: np.ndarray, opened: dict[int, _OpenShard]) -> dict[str, Any]:
         shape = (len(refs), *self.shape)
         if torch.utils.data.get_worker_info() is not None:
             # Fill the batch straight into shared memory, as PyTorch's default collate does: handing
@@ -383,7 +418,9 @@ class _OpenShard:
             starts = offset[candidates]
             steps = np.diff(starts)
             if len(starts) > 1 and (steps == steps[0]).all() and steps[0] >= len(header):  # evenly spaced: a view
-                heads = np.lib.stride_tricks.as_strided(data[starts[0] :], (len(starts), len(header)), (int(steps[0]), 1))
+                heads = np.lib.stride_tricks.as_strided(
+                    data[starts[0] :], (len(starts), len(header)), (int(steps[0]), 1)
+                )
             else:
                 heads = data[starts[:, None] + np.arange(len(header))]  # a (n, 128) gather
             self.plain[candidates[(heads == np.frombuffer(header, np.uint8)).all(axis=1)]] = True
@@ -403,7 +440,10 @@ class _OpenShard:
         data = self.index.member(i, self.ext)
         key = self.index.keys[i]
         if data is None:
-            raise ShardError(f"{self.index.name}: sample {key!r}: no image (.{self.ext}) member; run `histo-dist verify` on the shards")
+            raise ShardError(
+                f"{self.index.name}: sample {key!r}: no image (.{self.ext}) member; run `histo-dist verify` on the "
+                "shards"
+            )
         try:
             return decode_image(data, self.codec, self.shape)
         except Exception as e:  # any decoder failure (PIL raises OSError and others) is a bad sample
@@ -436,8 +476,16 @@ class ShardLoader:
     """
 
     def __init__(
-        self, manifest: Manifest, split: str, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1,
-        seed: int = 0, training: bool = True, transform: Callable | None = None,
+        self,
+        manifest: Manifest,
+        split: str,
+        cfg: LoaderConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        training: bool = True,
+        transform: Callable | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -448,8 +496,9 @@ class ShardLoader:
         self.shuffle_buffer = cfg.shuffle_buffer
         self.transform = transform
         self.shard_sizes = [s.num_samples for s in info.shards]
-        self.shard_urls = [cfg.shard_url.format(name=s.name) if cfg.shard_url else str(manifest.root / s.name)
-                           for s in info.shards]
+        self.shard_urls = [
+            cfg.shard_url.format(name=s.name) if cfg.shard_url else str(manifest.root / s.name) for s in info.shards
+        ]
         self.codec, self.shape, self.num_classes = manifest.codec, tuple(manifest.image_shape), manifest.num_classes
         self.num_samples = info.num_samples
         if training:
@@ -468,8 +517,17 @@ class ShardLoader:
     # -- sizes -----------------------------------------------------------------------------------
     def _plans(self) -> list[WorkerPlan]:
         return [
-            worker_plan(self.shard_sizes, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                        num_workers=self.num_workers, worker=w, batch_size=self.batch_size, training=self.training)
+            worker_plan(
+                self.shard_sizes,
+                seed=self.seed,
+                epoch=self.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_workers=self.num_workers,
+                worker=w,
+                batch_size=self.batch_size,
+                training=self.training,
+            )
             for w in range(max(self.num_workers, 1))
         ]
 
@@ -494,15 +552,24 @@ class ShardLoader:
         mismatched = {k: (state.get(k), v) for k, v in self._geometry().items() if state.get(k) != v}
         if mismatched:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
-            raise HistoDistError(f"cannot resume the {self.split} loader exactly: {detail}; resume with the same settings")
+            raise HistoDistError(
+                f"cannot resume the {self.split} loader exactly: {detail}; resume with the same settings"
+            )
         if not 0 <= state["batch"] <= len(self):
             raise HistoDistError(f"loader state batch {state['batch']} outside 0..{len(self)}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def _geometry(self) -> dict[str, Any]:
-        return {"split": self.split, "world_size": self.world_size, "rank": self.rank, "seed": self.seed,
-                "num_workers": self.num_workers, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
-                "shard_sizes": self.shard_sizes}
+        return {
+            "split": self.split,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "seed": self.seed,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "shard_sizes": self.shard_sizes,
+        }
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -511,7 +578,10 @@ class ShardLoader:
             self.epoch, self.batch = self.epoch + 1, 0
         stream = _EpochStream(self, self.epoch, self.batch, self.num_workers)
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
             worker_init_fn=ignore_in_worker if self.num_workers else None,
             prefetch_factor=self.cfg.prefetch_factor if self.num_workers else None,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),

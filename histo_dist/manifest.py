@@ -90,7 +90,8 @@ class Manifest:
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise ManifestError(
-                f"{self.root / MANIFEST_NAME}: split {name!r} not in this dataset; it has {', '.join(self.splits) or 'none'}"
+                f"{self.root / MANIFEST_NAME}: split {name!r} not in this dataset; "
+                f"it has {', '.join(self.splits) or 'none'}"
             )
         return self.splits[name]
 
@@ -132,14 +133,16 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, location: str | Path) -> "Manifest":
+    def load(cls, location: str | Path) -> Manifest:
         """Read a manifest from a shard folder or the path of its manifest.json; errors name the file."""
         path = Path(location)
         if path.is_dir():
             path = path / MANIFEST_NAME
         if not path.exists():
             hint = " (did the conversion finish? run `histo-dist convert` again to complete it)"
-            raise ManifestError(f"{path}: no manifest; expected the {MANIFEST_NAME} that `histo-dist convert` writes{hint}")
+            raise ManifestError(
+                f"{path}: no manifest; expected the {MANIFEST_NAME} that `histo-dist convert` writes{hint}"
+            )
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -150,11 +153,13 @@ class Manifest:
             raise ManifestError(f"{path}: malformed manifest: {e}") from None
 
     @classmethod
-    def _from_json(cls, data: dict[str, Any], root: Path) -> "Manifest":
+    def _from_json(cls, data: dict[str, Any], root: Path) -> Manifest:
         if data.get("format") != FORMAT_NAME:
             raise ValueError(f"'format' is {data.get('format')!r}, expected {FORMAT_NAME!r}")
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {data.get('format_version')!r} is not supported (this reader: {FORMAT_VERSION})")
+            raise ValueError(
+                f"format_version {data.get('format_version')!r} is not supported (this reader: {FORMAT_VERSION})"
+            )
         if data["codec"] not in CODEC_EXTENSIONS:
             raise ValueError(f"codec {data['codec']!r} is not one of {', '.join(CODEC_EXTENSIONS)}")
         splits = {}

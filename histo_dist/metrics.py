@@ -26,8 +26,19 @@ ECE_BINS = 15
 CI_LEVEL = 0.95
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy", "nll")
 LOWER_IS_BETTER = {"nll"}
-SCALARS = ("accuracy", "precision", "recall", "specificity", "f1", "balanced_accuracy", "auroc", "average_precision",
-           "nll", "ece", "threshold")
+SCALARS = (
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "balanced_accuracy",
+    "auroc",
+    "average_precision",
+    "nll",
+    "ece",
+    "threshold",
+)
 """The single numbers of a metrics section (what goes to W&B and learning curves)."""
 
 
@@ -48,7 +59,9 @@ def parse_threshold(text: str | float) -> float | str:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise EvaluationError(f"{text!r} is neither a number in (0, 1) nor one of {', '.join(THRESHOLD_METHODS)}") from None
+        raise EvaluationError(
+            f"{text!r} is neither a number in (0, 1) nor one of {', '.join(THRESHOLD_METHODS)}"
+        ) from None
     if not 0.0 < value < 1.0:
         raise EvaluationError(f"{value} is outside (0, 1)")
     return value
@@ -114,7 +127,9 @@ def binary_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float =
     return out
 
 
-def multiclass_metrics(probs: torch.Tensor, labels: torch.Tensor, label_names: list[str] | None = None) -> dict[str, Any]:
+def multiclass_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, label_names: list[str] | None = None
+) -> dict[str, Any]:
     """Metrics of (N, K) class probabilities; the prediction is the most probable class."""
     from torchmetrics.functional import classification as F
 
@@ -146,8 +161,9 @@ def multiclass_metrics(probs: torch.Tensor, labels: torch.Tensor, label_names: l
     return out
 
 
-def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None = 0.5,
-                    label_names: list[str] | None = None) -> dict[str, Any]:
+def compute_metrics(
+    probs: torch.Tensor, labels: torch.Tensor, threshold: float | None = 0.5, label_names: list[str] | None = None
+) -> dict[str, Any]:
     if probs.ndim == 1:
         return binary_metrics(probs, labels, 0.5 if threshold is None else threshold)
     return multiclass_metrics(probs, labels, label_names)
@@ -159,15 +175,25 @@ def weighted_auroc(scores: torch.Tensor, positive: torch.Tensor, weights: torch.
     With weights of 1 it is the usual AUROC; with bootstrap counts, that of the resample."""
     _, group = torch.unique(scores, sorted=True, return_inverse=True)  # tie groups, ascending score
     groups = int(group.max()) + 1 if len(group) else 0
-    w_pos = torch.zeros(weights.shape[0], groups, dtype=torch.float64).index_add_(1, group[positive], weights[:, positive])
-    w_neg = torch.zeros(weights.shape[0], groups, dtype=torch.float64).index_add_(1, group[~positive], weights[:, ~positive])
+    w_pos = torch.zeros(weights.shape[0], groups, dtype=torch.float64).index_add_(
+        1, group[positive], weights[:, positive]
+    )
+    w_neg = torch.zeros(weights.shape[0], groups, dtype=torch.float64).index_add_(
+        1, group[~positive], weights[:, ~positive]
+    )
     below = torch.cumsum(w_neg, 1) - w_neg  # negative weight strictly below each group
     pairs = w_pos.sum(1) * w_neg.sum(1)
     return (w_pos * (below + 0.5 * w_neg)).sum(1) / pairs
 
 
-def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, threshold: float | None, resamples: int = 1000,
-                 seed: int = 0, level: float = CI_LEVEL) -> dict[str, list[float] | None]:
+def bootstrap_ci(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float | None,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> dict[str, list[float] | None]:
     """Percentile bootstrap intervals of AUROC (macro one-vs-rest for multi-class) and accuracy:
     `resamples` draws of N samples with replacement from a seeded generator. Draws missing a
     class are skipped for AUROC."""
@@ -182,7 +208,9 @@ def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, threshold: float | N
     chunk = max(1, min(resamples, 2**24 // max(n, 1)))  # ~128 MB of float64 counts at a time
     for start in range(0, resamples, chunk):
         idx = torch.from_numpy(rng.integers(0, n, size=(min(chunk, resamples - start), n)))
-        counts = torch.zeros(len(idx), n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float64))
+        counts = torch.zeros(len(idx), n, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(idx.shape, dtype=torch.float64)
+        )
         accuracies.append((counts @ correct) / n)
         class_counts = torch.stack([counts[:, labels == c].sum(1) for c in range(k)], 1)
         complete = (class_counts > 0).all(1)

@@ -21,9 +21,10 @@ import logging
 import os
 import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -189,13 +190,19 @@ class ModelConfig:
             problems.append(f"name: unknown model {self.name!r}{hint}; known: {', '.join(MODEL_NAMES)}")
             return problems
         if self.freeze not in freeze_choices(self.name):
-            problems.append(f"freeze: {self.name} has no stage {self.freeze!r}; valid: {', '.join(freeze_choices(self.name))}")
+            problems.append(
+                f"freeze: {self.name} has no stage {self.freeze!r}; valid: {', '.join(freeze_choices(self.name))}"
+            )
         if self.pretrained and _is_weights_name(self.pretrained) and _weights_enum(self.name, self.pretrained) is None:
             if ARCHITECTURES[self.name].torchvision:
                 known = ", ".join(["imagenet", *_weights_class(self.name).__members__])
-                problems.append(f"pretrained: {self.name} has no weights {self.pretrained!r}; known: {known}, or a file path")
+                problems.append(
+                    f"pretrained: {self.name} has no weights {self.pretrained!r}; known: {known}, or a file path"
+                )
             else:
-                problems.append(f"pretrained: {self.name} has no torchvision weights; give a state dict file path or null")
+                problems.append(
+                    f"pretrained: {self.name} has no torchvision weights; give a state dict file path or null"
+                )
         return problems
 
 
@@ -232,7 +239,11 @@ class Classifier(nn.Module):
             # time, so it still holds after convert_sync_batchnorm swaps the modules.
             for module in self.modules():
                 params = list(module.parameters(recurse=False))
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+                if (
+                    isinstance(module, nn.modules.batchnorm._BatchNorm)
+                    and params
+                    and not any(p.requires_grad for p in params)
+                ):
                     module.eval()
         return self
 
@@ -245,7 +256,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     arch = ARCHITECTURES[cfg.name]
     net = arch.build()
     old_head = net.get_submodule(arch.head)
-    net.set_submodule(arch.head, nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes))))
+    net.set_submodule(
+        arch.head, nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes)))
+    )
     if cfg.pretrained:
         _load_backbone(net, cfg.name, cfg.pretrained)
     model = Classifier(cfg.name, net)
@@ -300,8 +313,8 @@ def _load_backbone(net: nn.Module, name: str, pretrained: str) -> None:
         path = hub_weights_path(weights)
         if not path.is_file():
             raise ModelError(
-                f"model.pretrained={pretrained!r}: the {name} weights {weights.name} are not in the local torch hub cache, "
-                "and histo-dist never downloads at run time. On a machine with network, fetch\n"
+                f"model.pretrained={pretrained!r}: the {name} weights {weights.name} are not in the local torch hub "
+                "cache, and histo-dist never downloads at run time. On a machine with network, fetch\n"
                 f"  {weights.url}\nand put the file at\n  {path}\n"
                 f"(e.g. curl -L --create-dirs -o {path} {weights.url}; the cache is $TORCH_HOME/hub, "
                 "default ~/.cache/torch/hub), or set model.pretrained to the file's path."
@@ -345,13 +358,25 @@ _OLD_DENSENET_KEY = re.compile(
 )
 
 
-def describe_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-                      optional: Callable[[str], bool] = lambda key: False) -> str:
+def describe_mismatch(
+    expected: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    optional: Callable[[str], bool] = lambda key: False,
+) -> str:
     """What keeps `state` from loading into a module whose state dict is `expected` ('' when it fits):
     missing keys (other than `optional` ones), unexpected keys, and shapes that differ."""
     missing = [k for k in expected if k not in state and not optional(k)]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    found = [(what, keys) for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
-    return "; ".join(f"{what} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" for what, keys in found)
+    shapes = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    found = [
+        (what, keys)
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+        if keys
+    ]
+    return "; ".join(
+        f"{what} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}" for what, keys in found
+    )

@@ -194,7 +194,9 @@ def _cosine(start: float, end: float, progress: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> LRScheduler | ReduceLROnPlateau:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
+) -> LRScheduler | ReduceLROnPlateau:
     """The configured schedule over `optimizer`'s groups (call after the optimizer is built).
 
     `total_steps` counts optimizer steps of ONE process over the whole run, i.e. after gradient

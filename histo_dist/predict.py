@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -64,7 +64,9 @@ class PredictConfig(InferenceOptions):
     `histo-dist evaluate` to use the thresholds chosen there (its TTA one for the _tta columns)."""
 
     def validate(self) -> list[str]:
-        return InferenceOptions.validate(self) + [f"{name}: required" for name in ("input", "output") if not getattr(self, name)]
+        return InferenceOptions.validate(self) + [
+            f"{name}: required" for name in ("input", "output") if not getattr(self, name)
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +107,9 @@ def _images(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
         if not files:
             others = sum(1 for p in path.rglob("*") if p.is_file())
             seen = f" ({others} other file(s))" if others else ""
-            raise InputError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder or below{seen}")
+            raise InputError(
+                f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder or below{seen}"
+            )
         root = path
     elif path.suffix.lower() in IMAGE_SUFFIXES:
         files, root = [path], path.parent
@@ -133,7 +137,9 @@ def _h5(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
         raise InputError(f"{path}: not a readable HDF5 file ({e})") from None
     with f:
         if "x" not in f:
-            raise InputError(f"{path}: no dataset 'x' (it has {', '.join(f.keys()) or 'none'}); expected PCam's uint8 (N, H, W, 3)")
+            raise InputError(
+                f"{path}: no dataset 'x' (it has {', '.join(f.keys()) or 'none'}); expected PCam's uint8 (N, H, W, 3)"
+            )
         shape, dtype = f["x"].shape, f["x"].dtype
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise InputError(f"{path}: dataset 'x' is {dtype} {shape}, expected uint8 (N, H, W, 3) like PCam")
@@ -153,8 +159,11 @@ def _h5(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
             for start in range(0, shape[0], cfg.batch_size):
                 stop = min(start + cfg.batch_size, shape[0])
                 images = torch.from_numpy(fx["x"][start:stop]).permute(0, 3, 1, 2)
-                yield ([str(i) for i in range(start, stop)], _sized(images, model, cfg.resize, str(path)),
-                       None if labels is None else labels[start:stop])
+                yield (
+                    [str(i) for i in range(start, stop)],
+                    _sized(images, model, cfg.resize, str(path)),
+                    None if labels is None else labels[start:stop],
+                )
 
     return Batches("PCam h5 rows", shape[0], labels is not None, batches())
 
@@ -168,7 +177,9 @@ def _shards(root: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
     if info.num_samples == 0:
         raise InputError(f"{root}: split {cfg.split!r} holds no samples")
     check_classes(model, manifest.num_classes, manifest.label_names, str(manifest.root / "manifest.json"))
-    check_size(model, manifest.image_shape[0], manifest.image_shape[1], str(manifest.root / "manifest.json"), cfg.resize)
+    check_size(
+        model, manifest.image_shape[0], manifest.image_shape[1], str(manifest.root / "manifest.json"), cfg.resize
+    )
     loader = ShardLoader(manifest, cfg.split, cfg.loader_config(), training=False)
 
     def batches():
@@ -192,15 +203,19 @@ def read_thresholds(text: str) -> tuple[float, float]:
         except (OSError, json.JSONDecodeError) as e:
             raise InputError(f"--threshold {path}: not a readable metrics.json ({e})") from None
         if data.get("threshold") is None:
-            raise InputError(f"--threshold {path}: records no threshold (a multi-class evaluation or not from `histo-dist evaluate`)")
+            raise InputError(
+                f"--threshold {path}: records no threshold (a multi-class evaluation or not from `histo-dist evaluate`)"
+            )
         return float(data["threshold"]), float((data.get("tta") or data)["threshold"])
     try:
         value = parse_threshold(text)
     except EvaluationError as e:
         raise InputError(f"--threshold: {e}") from None
     if isinstance(value, str):
-        raise InputError(f"--threshold {text}: choosing a threshold needs labelled data; run `histo-dist evaluate "
-                         f"--threshold {text}` and pass its metrics.json here")
+        raise InputError(
+            f"--threshold {text}: choosing a threshold needs labelled data; run `histo-dist evaluate "
+            f"--threshold {text}` and pass its metrics.json here"
+        )
     return value, value
 
 
@@ -220,16 +235,25 @@ def predict(cfg: PredictConfig) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model.to(device)
     with tqdm(total=source.count, desc="predict", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
-        predictions = predict_batches(model, source.batches, device=device, autocast=autocast(device, cfg.mixed_precision),
-                                      tta=cfg.tta, resize=cfg.resize, progress=bar.update)
+        predictions = predict_batches(
+            model,
+            source.batches,
+            device=device,
+            autocast=autocast(device, cfg.mixed_precision),
+            tta=cfg.tta,
+            resize=cfg.resize,
+            progress=bar.update,
+        )
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, predictions, list(model.label_names), threshold, threshold_tta)
     summary = f"wrote {len(predictions.keys)} predictions for {source.kind} to {out}"
     if model.binary:
         probs, t = (predictions.probs_tta, threshold_tta) if cfg.tta else (predictions.probs, threshold)
-        summary += (f" ({int((probs.double() >= t).sum())} predicted {model.label_names[1]} at threshold {t:.4f}"
-                    f"{', TTA x8' if cfg.tta else ''})")
+        summary += (
+            f" ({int((probs.double() >= t).sum())} predicted {model.label_names[1]} at threshold {t:.4f}"
+            f"{', TTA x8' if cfg.tta else ''})"
+        )
     return summary
 
 

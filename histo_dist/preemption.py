@@ -14,7 +14,8 @@ a job, to every process of the step: the training processes and their loader wor
 from __future__ import annotations
 
 import signal
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/*.sbatch requeue the job on this code
 SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
@@ -66,4 +67,3 @@ def start_with_signals_blocked(start: Callable[[], T]) -> T:
         return start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-

@@ -45,14 +45,27 @@ def provenance(*, world_size: int, device_type: str, mixed_precision: str, manif
             return None
 
     packages = {}
-    for name in ("histo-dist", "torch", "torchvision", "accelerate", "webdataset", "torchmetrics", "wandb", "numpy", "h5py"):
+    for name in (
+        "histo-dist",
+        "torch",
+        "torchvision",
+        "accelerate",
+        "webdataset",
+        "torchmetrics",
+        "wandb",
+        "numpy",
+        "h5py",
+    ):
         try:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
     status = git("status", "--porcelain")
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-               if device_type == "cuda" else [platform.processor() or platform.machine()])
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if device_type == "cuda"
+        else [platform.processor() or platform.machine()]
+    )
     return {
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,

@@ -1,8 +1,8 @@
 """Samples in WebDataset tar shards: encoding, atomic writing, strict reading.
 
 Writing uses `tarfile` (ustar, the layout `webdataset.TarWriter` writes) with a fixed mtime and
-owner, so the same input gives byte-identical shards (a resumed conversion equals an uninterrupted one). A shard is written to a
-temp name, hashed while written, fsynced, and only then renamed to its final name.
+owner, so the same input gives byte-identical shards (a resumed conversion equals an uninterrupted
+one). A shard is written atomically (`files.atomic_open`), hashed while written.
 
 Reading is strict. `iter_raw_samples` (tarfile; verify, convert) raises `ShardError` naming the shard
 and key for a broken tar structure. The loader instead indexes a whole shard at once
@@ -20,9 +20,9 @@ import mmap
 import os
 import struct
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -142,8 +142,10 @@ def write_shard(
                         info.uname = info.gname = "histo-dist"
                         tar.addfile(info, io.BytesIO(members[member_ext]))
     except OSError as e:  # a full disk or a file size limit: name the shard, keep the others
-        raise ShardError(f"{path}: cannot write shard ({e.strerror or e}); the shards already complete are kept, "
-                         "run the same command again to continue") from None
+        raise ShardError(
+            f"{path}: cannot write shard ({e.strerror or e}); the shards already complete are kept, "
+            "run the same command again to continue"
+        ) from None
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     return ShardInfo(path.name, len(keys), tuple(int(c) for c in counts), hashing.sha.hexdigest(), hashing.size)
 
@@ -178,7 +180,9 @@ def iter_raw_samples(path: str | Path, fileobj=None) -> Iterator[RawSample]:
                 base = member.name.rsplit("/", 1)[-1]
                 key_part, dot, ext = base.partition(".")
                 if not dot:
-                    raise ShardError(f"{name}: member {member.name!r} has no extension (expected KEY.cls / KEY.npy ...)")
+                    raise ShardError(
+                        f"{name}: member {member.name!r} has no extension (expected KEY.cls / KEY.npy ...)"
+                    )
                 key = member.name[: len(member.name) - len(base)] + key_part
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
@@ -207,7 +211,9 @@ def iter_raw_samples(path: str | Path, fileobj=None) -> Iterator[RawSample]:
             raise tarfile.ReadError(f"bad or missing tar header at byte {end}")
     except (tarfile.TarError, EOFError, OSError) as e:
         where = f" after key {current.key!r}" if current is not None else ""
-        raise ShardError(f"{name}: not a readable tar shard{where} ({type(e).__name__}: {e}); truncated or corrupt?") from None
+        raise ShardError(
+            f"{name}: not a readable tar shard{where} ({type(e).__name__}: {e}); truncated or corrupt?"
+        ) from None
     if current is not None:
         yield current
 
@@ -342,8 +348,10 @@ def _index_walk(data: np.ndarray, name: str, limit: int | None) -> ShardIndex:
         start = pos + 512
         pos = start + (member_size + 511) // 512 * 512
         if typeflag in (b"x", b"g", b"L", b"K"):
-            broken = (f"{name}: extended (pax/GNU) tar header at byte {start - 512}: not read by the loader; "
-                      "write shards with `histo-dist convert` (plain ustar)")
+            broken = (
+                f"{name}: extended (pax/GNU) tar header at byte {start - 512}: not read by the loader; "
+                "write shards with `histo-dist convert` (plain ustar)"
+            )
             break
         if typeflag not in (b"0", b"\0"):
             continue  # directories and links carry no sample data
@@ -367,7 +375,9 @@ def _index_walk(data: np.ndarray, name: str, limit: int | None) -> ShardIndex:
                     more = True
                     break
             if key in seen:
-                broken = f"{name}: key {key.decode(errors='replace')!r} appears twice (members of a sample must be adjacent)"
+                broken = (
+                    f"{name}: key {key.decode(errors='replace')!r} appears twice (members of a sample must be adjacent)"
+                )
                 break
             seen.add(key)
             current, current_key = (key.decode(), {}), key
@@ -416,11 +426,14 @@ def _index_regular(data: np.ndarray, name: str) -> ShardIndex | None:
         if ((digits < 0) | (digits > 7)).any():
             return None
         sizes.append(digits @ _OCTAL)
-        if not ((fields(m, 257, 5) == np.frombuffer(b"ustar", np.uint8)).all()
-                and np.isin(fields(m, 156, 1), (0, 48)).all() and not fields(m, 345, 1).any()
-                and ((sizes[m] + 511) // 512 == blocks[m]).all()
-                and (names[m][:, len(key) :] == tail).all()
-                and (m == 0 or (names[m][:, : len(key)] == names[0][:, : len(key)]).all())):
+        if not (
+            (fields(m, 257, 5) == np.frombuffer(b"ustar", np.uint8)).all()
+            and np.isin(fields(m, 156, 1), (0, 48)).all()
+            and not fields(m, 345, 1).any()
+            and ((sizes[m] + 511) // 512 == blocks[m]).all()
+            and (names[m][:, len(key) :] == tail).all()
+            and (m == 0 or (names[m][:, : len(key)] == names[0][:, : len(key)]).all())
+        ):
             return None
     key_bytes = names[0][:, : len(key)]
     if ((key_bytes == ord(".")) | (key_bytes == 0) | (key_bytes > 127)).any():

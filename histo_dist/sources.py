@@ -21,9 +21,9 @@ import gzip
 import hashlib
 import shutil
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -127,7 +127,11 @@ def _read_h5_rows(path: str, indices: np.ndarray) -> np.ndarray:
 
     order = np.argsort(indices, kind="stable")
     with h5py.File(path, "r") as f:
-        rows = f["x"][indices[order]] if len(np.unique(indices)) == len(indices) else np.stack([f["x"][i] for i in indices])
+        rows = (
+            f["x"][indices[order]]
+            if len(np.unique(indices)) == len(indices)
+            else np.stack([f["x"][i] for i in indices])
+        )
     out = np.empty_like(rows)
     out[order] = rows
     return out
@@ -161,9 +165,18 @@ def gunzip_to(src: Path, dest: Path, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     try:
-        with gzip.open(src, "rb") as fin, atomic_open(dest, "wb") as fout, tqdm(
-            total=src.stat().st_size, unit="B", unit_scale=True, desc=f"gunzip {src.name}", disable=not progress, leave=False
-        ) as bar:
+        with (
+            gzip.open(src, "rb") as fin,
+            atomic_open(dest, "wb") as fout,
+            tqdm(
+                total=src.stat().st_size,
+                unit="B",
+                unit_scale=True,
+                desc=f"gunzip {src.name}",
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             raw = fin.fileobj  # the compressed stream, for progress in compressed bytes
             last = 0
             while block := fin.read(1 << 22):
@@ -242,8 +255,13 @@ def _open_pcam(root: Path, splits: Sequence[str], work_dir: Path, progress: bool
             if len(meta_rows) != x_len:
                 raise SourceError(f"{meta_path}: {len(meta_rows)} rows, expected one per image ({x_len})")
         split_sources[split] = SplitSource(
-            split=split, num_samples=x_len, labels=labels, kind="pcam", x_path=str(paths["x"]),
-            meta_rows=meta_rows, image_shape=shape,
+            split=split,
+            num_samples=x_len,
+            labels=labels,
+            kind="pcam",
+            x_path=str(paths["x"]),
+            meta_rows=meta_rows,
+            image_shape=shape,
         )
     return Source("pcam", root, split_sources, PCAM_LABELS, image_shape, files, cleanup)
 
@@ -256,7 +274,9 @@ def _check_pcam_h5(path: Path, dataset: str) -> tuple[int, tuple[int, int, int]]
     try:
         with h5py.File(path, "r") as f:
             if dataset not in f:
-                raise SourceError(f"{path}: no dataset '{dataset}' (found {', '.join(f.keys()) or 'none'}); expected {expected}")
+                raise SourceError(
+                    f"{path}: no dataset '{dataset}' (found {', '.join(f.keys()) or 'none'}); expected {expected}"
+                )
             d = f[dataset]
             shape, dtype = d.shape, d.dtype
     except OSError as e:
@@ -298,7 +318,9 @@ def open_imagefolder(root: Path, valid_fraction: float, test_fraction: float, se
         files, labels = [], []
         extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
         if extra:
-            raise SourceError(f"{folder}: class folder(s) {', '.join(extra)} are not among the train classes {', '.join(classes)}")
+            raise SourceError(
+                f"{folder}: class folder(s) {', '.join(extra)} are not among the train classes {', '.join(classes)}"
+            )
         for label, name in enumerate(classes):
             if (folder / name).is_dir():
                 found = _image_files(folder / name)
@@ -320,8 +342,12 @@ def open_imagefolder(root: Path, valid_fraction: float, test_fraction: float, se
     shape = load_image(first).shape
     split_sources = {
         split: SplitSource(
-            split=split, num_samples=len(files), labels=np.asarray(labels, dtype=np.int64), kind="imagefolder",
-            files=files, image_shape=shape,
+            split=split,
+            num_samples=len(files),
+            labels=np.asarray(labels, dtype=np.int64),
+            kind="imagefolder",
+            files=files,
+            image_shape=shape,
             source_indices=None if pool_indices is None else pool_indices[split],
         )
         for split, (files, labels) in splits.items()
@@ -349,7 +375,9 @@ def open_kaggle(root: Path, valid_fraction: float, test_fraction: float, seed: i
     """`ROOT/train_labels.csv` (id,label) with `ROOT/train/<id>.tif`; split here from a seed."""
     labels_csv = root / "train_labels.csv"
     if not labels_csv.exists():
-        raise SourceError(f"{root}: no train_labels.csv; expected the Kaggle layout ROOT/train_labels.csv + ROOT/train/<id>.tif")
+        raise SourceError(
+            f"{root}: no train_labels.csv; expected the Kaggle layout ROOT/train_labels.csv + ROOT/train/<id>.tif"
+        )
     image_dir = root / "train" if (root / "train").is_dir() else root
     with open(labels_csv, newline="") as f:
         reader = csv.DictReader(f)
@@ -377,8 +405,13 @@ def open_kaggle(root: Path, valid_fraction: float, test_fraction: float, seed: i
     pool = _split_pool(len(files), valid_fraction, test_fraction, seed)
     split_sources = {
         split: SplitSource(
-            split=split, num_samples=len(idx), labels=np.asarray(labels, dtype=np.int64)[idx], kind="kaggle",
-            files=[str(files[i]) for i in idx], source_indices=idx, image_shape=shape,
+            split=split,
+            num_samples=len(idx),
+            labels=np.asarray(labels, dtype=np.int64)[idx],
+            kind="kaggle",
+            files=[str(files[i]) for i in idx],
+            source_indices=idx,
+            image_shape=shape,
         )
         for split, idx in pool.items()
     }

@@ -54,9 +54,16 @@ class RunLog:
     def __init__(self, accelerator, run_dir: Path, cfg: TrackingConfig, config: dict[str, Any]):
         self.accelerator, self.run_dir, self.cfg = accelerator, run_dir, cfg
         self.main = accelerator.is_main_process
-        self.wandb = cfg.wandb and cfg.mode != "disabled" and (cfg.mode != "env" or os.environ.get("WANDB_MODE") != "disabled")
+        self.wandb = (
+            cfg.wandb and cfg.mode != "disabled" and (cfg.mode != "env" or os.environ.get("WANDB_MODE") != "disabled")
+        )
         if self.main and self.wandb:
-            init = {"dir": str(run_dir), "name": cfg.run_name or run_dir.name, "id": _stable_run_id(run_dir), "resume": "allow"}
+            init = {
+                "dir": str(run_dir),
+                "name": cfg.run_name or run_dir.name,
+                "id": _stable_run_id(run_dir),
+                "resume": "allow",
+            }
             if cfg.mode in ("online", "offline"):
                 init["mode"] = cfg.mode
             accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init})
@@ -68,8 +75,11 @@ class RunLog:
         record = {"kind": kind, "step": step, "time": time.time(), **values}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        self._to_wandb(lambda: self.accelerator.log(
-            {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step))
+        self._to_wandb(
+            lambda: self.accelerator.log(
+                {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step
+            )
+        )
 
     def log_images(self, images: dict[str, Path], step: int) -> None:
         def send():
@@ -97,8 +107,11 @@ class RunLog:
             send()
         except Exception as e:  # noqa: BLE001 - any tracker failure
             self.wandb = False
-            log.warning("W&B logging failed (%s: %s); continuing without it (metrics.jsonl has every record)",
-                        type(e).__name__, e)
+            log.warning(
+                "W&B logging failed (%s: %s); continuing without it (metrics.jsonl has every record)",
+                type(e).__name__,
+                e,
+            )
 
 
 def _stable_run_id(run_dir: Path) -> str:

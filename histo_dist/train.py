@@ -97,7 +97,9 @@ class Trainer:
             mixed_precision=t.mixed_precision,
             # Our loaders are not `prepare`d, so accumulation syncs every k micro-batches, never on a
             # dataloader end it cannot see; epochs are cut to multiples of k below.
-            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum_steps, sync_with_dataloader=False),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=t.grad_accum_steps, sync_with_dataloader=False
+            ),
             log_with="wandb" if cfg.tracking.wandb and cfg.tracking.mode != "disabled" else None,
         )
         acc = self.accelerator
@@ -109,8 +111,14 @@ class Trainer:
         self.num_classes = self.manifest.num_classes
         worker_aug = cfg.augment.enabled and cfg.augment.where == "worker"
         self.train_loader = ShardLoader(
-            self.manifest, cfg.data.train_split, cfg.loader, rank=self.rank, world_size=self.world_size,
-            seed=t.seed, training=True, transform=_WorkerAugment(cfg.augment) if worker_aug else None,
+            self.manifest,
+            cfg.data.train_split,
+            cfg.loader,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=t.seed,
+            training=True,
+            transform=_WorkerAugment(cfg.augment) if worker_aug else None,
         )
         self.micro_per_epoch = len(self.train_loader) // t.grad_accum_steps * t.grad_accum_steps
         self.steps_per_epoch = self.micro_per_epoch // t.grad_accum_steps
@@ -137,8 +145,9 @@ class Trainer:
         if t.ema_decay > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-            self.ema = AveragedModel(acc.unwrap_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay),
-                                     use_buffers=True)
+            self.ema = AveragedModel(
+                acc.unwrap_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
+            )
         if self.num_classes == 2:
             self.loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(cfg.loss.pos_weight, device=self.device))
         else:
@@ -231,16 +240,26 @@ class Trainer:
         module, not the DDP wrapper (no buffer broadcast per forward, no collective a rank could miss)."""
         module = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
         module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper shares the parameters
-        return InferenceModel(module, self.num_classes, tuple(self.manifest.label_names), tuple(self.manifest.image_shape),
-                              self.cfg.augment, self.cfg.train.channels_last, self.cfg.model.name,
-                              weights="ema" if self.ema is not None else "model", step=self.step)
+        return InferenceModel(
+            module,
+            self.num_classes,
+            tuple(self.manifest.label_names),
+            tuple(self.manifest.image_shape),
+            self.cfg.augment,
+            self.cfg.train.channels_last,
+            self.cfg.model.name,
+            weights="ema" if self.ema is not None else "model",
+            step=self.step,
+        )
 
     def _where(self) -> dict[str, Any]:
         return dict(rank=self.rank, world_size=self.world_size, device=self.device, autocast=self.accelerator.autocast)
 
     def valid_metrics(self) -> dict[str, Any]:
         """Metrics of the current weights on the validation split (every rank calls this; all get them)."""
-        return validate_split(self.inference_model(), self.manifest, self.validator.split, self.cfg.loader, **self._where())
+        return validate_split(
+            self.inference_model(), self.manifest, self.validator.split, self.cfg.loader, **self._where()
+        )
 
     def validate(self, run_log: RunLog, epoch: int) -> bool:
         """Validate (every rank); True when this is the best validation so far."""
@@ -251,11 +270,16 @@ class Trainer:
         record = {k: v for k, v in values.items() if k not in ("confusion_matrix", "threshold")}
         if not self.cfg.loader.skip_corrupt:
             del record["skipped_samples"]
-        run_log.log({**record, "epoch": epoch, f"best_{self.validator.metric}": self.validator.best}, self.step, "valid")
-        log.info("step %d valid %s", self.step,
-                 " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)))
+        run_log.log(
+            {**record, "epoch": epoch, f"best_{self.validator.metric}": self.validator.best}, self.step, "valid"
+        )
+        log.info(
+            "step %d valid %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
+        )
         if self.validator.stop_early:
-            log.info("early stopping: %s has not improved for %d validations", self.validator.metric, self.validator.patience)
+            log.info(
+                "early stopping: %s has not improved for %d validations", self.validator.metric, self.validator.patience
+            )
         return improved
 
     def test(self, run_log: RunLog) -> dict[str, Any]:
@@ -272,16 +296,34 @@ class Trainer:
         model = self.inference_model()
         model.model.load_state_dict(weights)
         model.step = int(state["step"])
-        info = {"checkpoint": str(checkpoint), "step": model.step, "model": model.model_name, "weights": which,
-                "data": str(self.manifest.root)}
+        info = {
+            "checkpoint": str(checkpoint),
+            "step": model.step,
+            "model": model.model_name,
+            "weights": which,
+            "data": str(self.manifest.root),
+        }
         if self.cfg.loader.skip_corrupt:
             info["train_skipped_samples"] = self.skipped_samples
-        results, predictions = evaluate_split(model, self.manifest, split, self.cfg.test, self.cfg.loader,
-                                              threshold_split=self.cfg.data.valid_split, info=info,
-                                              show_progress=self.cfg.tracking.progress, **self._where())
+        results, predictions = evaluate_split(
+            model,
+            self.manifest,
+            split,
+            self.cfg.test,
+            self.cfg.loader,
+            threshold_split=self.cfg.data.valid_split,
+            info=info,
+            show_progress=self.cfg.tracking.progress,
+            **self._where(),
+        )
         if self.accelerator.is_main_process:
-            images = write_evaluation(self.run_dir / "test", results, predictions, plots=self.cfg.test.plots,
-                                      metrics_jsonl=self.run_dir / "metrics.jsonl")
+            images = write_evaluation(
+                self.run_dir / "test",
+                results,
+                predictions,
+                plots=self.cfg.test.plots,
+                metrics_jsonl=self.run_dir / "metrics.jsonl",
+            )
             values = scalars(results)
             run_log.log(values, self.step, "test")
             run_log.summary({f"test/{k}": v for k, v in values.items()})
@@ -338,7 +380,13 @@ class Trainer:
         self.validator.best = state["best"]
         self.validator.evals_without_improvement = int(state["evals_without_improvement"])
         self.skipped_samples = int(state.get("skipped_samples", 0))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, loader_state["epoch"], loader_state["batch"])
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            self.step,
+            loader_state["epoch"],
+            loader_state["batch"],
+        )
 
     def preempted(self) -> bool:
         """True on every rank when any rank got a preemption signal. With several ranks this is a
@@ -359,8 +407,13 @@ class Trainer:
         global_batch = self.cfg.loader.batch_size * self.cfg.train.grad_accum_steps * self.world_size
         images_per_s = (self.step - self._tick[1]) * global_batch / (now - self._tick[0])
         self._tick = (now, self.step)
-        record = {"loss": loss, "accuracy": accuracy, "lr": self.optimizer.param_groups[-1]["lr"],
-                  "images_per_s": images_per_s, "epoch": epoch}
+        record = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "lr": self.optimizer.param_groups[-1]["lr"],
+            "images_per_s": images_per_s,
+            "epoch": epoch,
+        }
         if self.cfg.loader.skip_corrupt:
             record["skipped_samples"] = self.skipped_samples
         run_log.log(record, self.step, "train")
@@ -372,8 +425,14 @@ class Trainer:
         resume = self.checkpointer.resume_path()
         if resume is not None:
             self.load(resume)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not (self.accelerator.is_main_process and self.cfg.tracking.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (self.accelerator.is_main_process and self.cfg.tracking.progress),
+            dynamic_ncols=True,
+        )
         self._tick = (time.perf_counter(), self.step)
         # (A run preempted right after early stopping said stop resumes straight into the test.)
         finished = self.step >= self.total_steps or self.validator.stop_early
@@ -391,7 +450,9 @@ class Trainer:
                 last_step = self.step >= self.total_steps
                 validated = self.validator.due(self.step, end_of_epoch=end_of_epoch, last_step=last_step)
                 is_best = validated and self.validate(run_log, epoch)
-                if self.checkpointer.due(self.step, end_of_epoch=end_of_epoch, validated=validated, last_step=last_step):
+                if self.checkpointer.due(
+                    self.step, end_of_epoch=end_of_epoch, validated=validated, last_step=last_step
+                ):
                     self.save_checkpoint(is_best)
                 # Only after this step's validation and checkpoint: a run preempted between a step and
                 # its validation would resume past that validation, and could pick another best checkpoint.
@@ -399,8 +460,12 @@ class Trainer:
                     if self.checkpointer.last_saved_step != self.step:
                         self.save_checkpoint()
                     self.preemption.ignore()
-                    log.warning("preempted (%s): checkpoint at step %d written; exiting with code %d for requeue",
-                                self.preemption.signal or "signal on another rank", self.step, EXIT_PREEMPTED)
+                    log.warning(
+                        "preempted (%s): checkpoint at step %d written; exiting with code %d for requeue",
+                        self.preemption.signal or "signal on another rank",
+                        self.step,
+                        EXIT_PREEMPTED,
+                    )
                     raise Preempted()
                 finished = last_step or self.validator.stop_early
                 if finished or end_of_epoch:
@@ -435,8 +500,16 @@ def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None =
     trainer.run_dir = run_dir
     trainer.checkpointer.folder = run_dir / "checkpoints"
     if acc.is_main_process:
-        write_run_files(run_dir, cfg, provenance(world_size=acc.num_processes, device_type=acc.device.type,
-                                                 mixed_precision=acc.mixed_precision, manifest=trainer.manifest))
+        write_run_files(
+            run_dir,
+            cfg,
+            provenance(
+                world_size=acc.num_processes,
+                device_type=acc.device.type,
+                mixed_precision=acc.mixed_precision,
+                manifest=trainer.manifest,
+            ),
+        )
     acc.wait_for_everyone()
     run_log = RunLog(acc, run_dir, cfg.tracking, to_dict(cfg))
     trainer.preemption.install()
@@ -445,12 +518,17 @@ def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None =
         if acc.is_main_process:
             log.info("run finished: %s", run_dir)
             if cfg.loader.skip_corrupt:
-                log.warning("corrupt samples skipped (loader.skip_corrupt): %d in training%s; the warnings above name them",
-                            trainer.skipped_samples,
-                            f", {results.get('skipped_samples', 0)} in the test split" if results else "")
+                log.warning(
+                    "corrupt samples skipped (loader.skip_corrupt): %d in training%s; the warnings above name them",
+                    trainer.skipped_samples,
+                    f", {results.get('skipped_samples', 0)} in the test split" if results else "",
+                )
             if results:
-                log.info("test (%s): %s", run_dir / "test" / "metrics.json",
-                         " ".join(f"{k}={v:.4f}" for k, v in scalars(results).items() if isinstance(v, float)))
+                log.info(
+                    "test (%s): %s",
+                    run_dir / "test" / "metrics.json",
+                    " ".join(f"{k}={v:.4f}" for k, v in scalars(results).items() if isinstance(v, float)),
+                )
         return results
     finally:
         _end_training(acc)
@@ -477,12 +555,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML experiment config (see configs/); defaults are used for what it omits")
     parser.add_argument("--run-dir", help="run directory (default: runs/<config name>-<time>); reuse it to resume")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
-                        help="list every config value (or those of one SECTION: "
-                             "data, loader, augment, model, loss, optim, schedule, train, test, checkpoint, tracking) "
-                             "with its type, default and meaning, and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides of config values, e.g. optim.lr=0.01 loader.batch_size=64")
+    parser.add_argument(
+        "--help-config",
+        nargs="?",
+        const="",
+        metavar="SECTION",
+        help="list every config value (or those of one SECTION: "
+        "data, loader, augment, model, loss, optim, schedule, train, test, checkpoint, tracking) "
+        "with its type, default and meaning, and exit",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides of config values, e.g. optim.lr=0.01 loader.batch_size=64",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,10 +17,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
-
 from histo_dist.manifest import Manifest, ShardInfo
-
 
 
 @dataclass
@@ -32,7 +29,12 @@ class ShardReport:
 
 
 def verify_shard(
-    path: Path, info: ShardInfo, codec: str, shape: tuple[int, int, int], num_classes: int, decode: bool = True,
+    path: Path,
+    info: ShardInfo,
+    codec: str,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    decode: bool = True,
     split: str | None = None,
 ) -> ShardReport:
     """Check one shard (of `split`, when given); never raises for bad data, returns its problems instead."""
@@ -66,8 +68,10 @@ def verify_shard(
         report.problems.append(str(e))
     foreign = [key for key in report.keys if split is not None and not key.startswith(f"{split}_")]
     if foreign:  # keys are {split}_{index:09d} (manifest.sample_key)
-        report.problems.append(f"{path}: {len(foreign)} sample(s) not of split {split!r} (first: {foreign[0]!r}): "
-                               "a shard of another split or conversion")
+        report.problems.append(
+            f"{path}: {len(foreign)} sample(s) not of split {split!r} (first: {foreign[0]!r}): "
+            "a shard of another split or conversion"
+        )
     if len(report.keys) != info.num_samples:
         report.problems.append(f"{path}: {len(report.keys)} samples, manifest says {info.num_samples}")
     if tuple(report.class_counts) != tuple(info.class_counts):
@@ -90,8 +94,13 @@ def verify_dataset(
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
             reports = []
-            for report in pool.map(verify_shard, [manifest.root / sh.name for _, sh in jobs], [sh for _, sh in jobs],
-                                   *[[a] * len(jobs) for a in args], [name for name, _ in jobs]):
+            for report in pool.map(
+                verify_shard,
+                [manifest.root / sh.name for _, sh in jobs],
+                [sh for _, sh in jobs],
+                *[[a] * len(jobs) for a in args],
+                [name for name, _ in jobs],
+            ):
                 reports.append(report)
                 bar.update(len(report.keys))
     else:
@@ -117,8 +126,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="folder holding manifest.json and the shards")
     parser.add_argument("--splits", default="", help="comma-separated splits to check (default: all in the manifest)")
     parser.add_argument("--workers", type=int, default=1, help="parallel reader processes")
-    parser.add_argument("--no-decode", dest="decode", action="store_false",
-                        help="skip decoding images (checksums, structure and labels only)")
+    parser.add_argument(
+        "--no-decode",
+        dest="decode",
+        action="store_false",
+        help="skip decoding images (checksums, structure and labels only)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -128,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
     manifest, problems = verify_dataset(args.folder, splits, args.workers, args.decode, args.progress)
     for name in splits or manifest.splits:
         s = manifest.split(name)
-        print(f"{name}: {s.num_samples} samples in {len(s.shards)} shards, class counts "
-              + ", ".join(f"{label}={n}" for label, n in zip(manifest.label_names, s.class_counts)))
+        print(
+            f"{name}: {s.num_samples} samples in {len(s.shards)} shards, class counts "
+            + ", ".join(f"{label}={n}" for label, n in zip(manifest.label_names, s.class_counts))
+        )
     if problems:
         print(f"FAILED: {len(problems)} problem(s) in {manifest.root}:")
         for p in problems:

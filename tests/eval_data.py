@@ -44,20 +44,36 @@ def trained_run(base: Path) -> tuple[Path, Path]:
     if not (shards / "manifest.json").exists():
         make_noisy_dataset(shards)
     if not (run / "checkpoints" / "best.pt").exists():
-        cfg = load_experiment(ROOT / "configs/cpu_test.yaml", [
-            f"data.shards={shards}", "loader.batch_size=16", "loader.eval_batch_size=100", "loader.num_workers=0",
-            "train.epochs=2", "schedule.warmup_steps=3", "tracking.wandb=false", "tracking.progress=false",
-            "tracking.log_every_steps=2", "augment.where=device",
-        ])
+        cfg = load_experiment(
+            ROOT / "configs/cpu_test.yaml",
+            [
+                f"data.shards={shards}",
+                "loader.batch_size=16",
+                "loader.eval_batch_size=100",
+                "loader.num_workers=0",
+                "train.epochs=2",
+                "schedule.warmup_steps=3",
+                "tracking.wandb=false",
+                "tracking.progress=false",
+                "tracking.log_every_steps=2",
+                "augment.where=device",
+            ],
+        )
         train(cfg, run)
     return shards, run
 
 
-def make_checkpoint(path: Path, num_classes: int = 2, shape=SHAPE, model: str = "simple_cnn",
-                    label_names: list[str] | None = None, seed: int = 0) -> Path:
+def make_checkpoint(
+    path: Path,
+    num_classes: int = 2,
+    shape=SHAPE,
+    model: str = "simple_cnn",
+    label_names: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
     """An untrained checkpoint as the trainer writes it (weights, config, classes, image shape)."""
-    from histo_dist.models import build_model
     from histo_dist.experiment import load_experiment
+    from histo_dist.models import build_model
 
     cfg = load_experiment(None, [f"model.name={model}"])
     torch.manual_seed(seed)
@@ -86,8 +102,14 @@ def make_multiclass_dataset(root: Path, sizes: dict[str, list[int]], num_classes
         x[..., c] += 100
         return x
 
-    return make_dataset(root, sizes, shape, label_fn=lambda j: j % num_classes, image_fn=image,
-                        label_names=tuple(f"class{c}" for c in range(num_classes)))
+    return make_dataset(
+        root,
+        sizes,
+        shape,
+        label_fn=lambda j: j % num_classes,
+        image_fn=image,
+        label_names=tuple(f"class{c}" for c in range(num_classes)),
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -22,8 +22,15 @@ from tests.shard_data import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-       "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "WANDB_MODE": "disabled",
+    "WANDB_SILENT": "true",
+    "PYTHONUNBUFFERED": "1",
+    "ACCELERATE_USE_CPU": "1",
+    "PYTHONPATH": str(ROOT),
+}
 
 # 252 training samples in uneven shards (15 steps of 16 per epoch on one rank), 88 valid, 64 test.
 TRAIN_SIZES = {"train": [100, 92, 60], "valid": [48, 40], "test": [64]}
@@ -36,18 +43,36 @@ def make_train_shards(root: Path) -> Path:
 
 def train_cmd(shards: Path, run_dir: Path, *overrides: str, ranks: int = 1) -> list[str]:
     """`histo-dist train` on the shipped single-CPU config, in one process or under accelerate launch."""
-    args = ["-m", "histo_dist", "train", "--config", str(ROOT / "configs/cpu_test.yaml"), "--run-dir", str(run_dir),
-            f"data.shards={shards}", *overrides]
+    args = [
+        "-m",
+        "histo_dist",
+        "train",
+        "--config",
+        str(ROOT / "configs/cpu_test.yaml"),
+        "--run-dir",
+        str(run_dir),
+        f"data.shards={shards}",
+        *overrides,
+    ]
     if ranks == 1:
         return [sys.executable, *args]
-    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(ranks), "--main_process_port", "0",
-            *args]
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(ranks),
+        "--main_process_port",
+        "0",
+        *args,
+    ]
 
 
 def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
     """A run in its own session (process group): the whole job can be signalled as SLURM does."""
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or ENV,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or ENV, start_new_session=True
+    )
 
 
 def run(cmd: list[str], timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:

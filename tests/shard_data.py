@@ -35,8 +35,15 @@ def encoded_image(index: int, shape=(8, 8, 3), learnable: bool = False) -> np.nd
     return image
 
 
-def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learnable: bool = False,
-                 label_fn=label_of, image_fn=None, label_names=("negative", "positive")) -> Manifest:
+def make_dataset(
+    root: Path,
+    sizes: dict[str, list[int]],
+    shape=(8, 8, 3),
+    learnable: bool = False,
+    label_fn=label_of,
+    image_fn=None,
+    label_names=("negative", "positive"),
+) -> Manifest:
     """Shards of the given sizes per split; sample indices run across each split's shards. Labels
     come from `label_fn(index)` (the images' own signal follows `label_of`), images from
     `image_fn(index)` when given, else `encoded_image`."""
@@ -48,11 +55,17 @@ def make_dataset(root: Path, sizes: dict[str, list[int]], shape=(8, 8, 3), learn
         infos, start = [], 0
         for i, n in enumerate(shard_sizes):
             idx = list(range(start, start + n))
-            infos.append(write_shard(
-                root / shard_name(split, i), [sample_key(split, j) for j in idx],
-                np.stack([image_fn(j) for j in idx]), np.array([label_fn(j) for j in idx]),
-                [{"index": j} for j in idx], "npy", num_classes,
-            ))
+            infos.append(
+                write_shard(
+                    root / shard_name(split, i),
+                    [sample_key(split, j) for j in idx],
+                    np.stack([image_fn(j) for j in idx]),
+                    np.array([label_fn(j) for j in idx]),
+                    [{"index": j} for j in idx],
+                    "npy",
+                    num_classes,
+                )
+            )
             start += n
         counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(num_classes))
         splits[split] = SplitInfo(start, counts, False, tuple(infos))

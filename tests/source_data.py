@@ -162,8 +162,19 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def convert_args(src: Path, out: Path, *extra: str) -> list[str]:
-    return ["convert", "--input", str(src), "--output", str(out), "--workers", "1", "--no-progress",
-            "--samples-per-shard", "16", *extra]
+    return [
+        "convert",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--workers",
+        "1",
+        "--no-progress",
+        "--samples-per-shard",
+        "16",
+        *extra,
+    ]
 
 
 def read_webdataset(folder: Path, split: str) -> list[dict]:
@@ -184,4 +195,6 @@ def written(folder: Path) -> list[str]:
     """Shards or manifests anywhere under `folder` (to assert a failed run wrote none)."""
     if not folder.exists():
         return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix == ".tar" or p.name == "manifest.json")
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix == ".tar" or p.name == "manifest.json"
+    )

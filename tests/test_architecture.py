@@ -65,8 +65,10 @@ def test_only_the_cli_imports_train():
 
 def test_data_modules_do_not_import_torch():
     """Conversion workers and `histo-dist verify` start without torch's seconds of import time."""
-    code = ("import sys, histo_dist.sources, histo_dist.manifest, histo_dist.shards, histo_dist.convert, "
-            "histo_dist.verify; print('torch' in sys.modules)")
+    code = (
+        "import sys, histo_dist.sources, histo_dist.manifest, histo_dist.shards, histo_dist.convert, "
+        "histo_dist.verify; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -22,7 +22,13 @@ from histo_dist.augment import (
 from histo_dist.config import ConfigError, field_docs, from_dict
 
 OFF = dict(
-    dihedral=False, rotate_degrees=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, stain_sigma=0.0,
+    dihedral=False,
+    rotate_degrees=0.0,
+    brightness=0.0,
+    contrast=0.0,
+    saturation=0.0,
+    hue=0.0,
+    stain_sigma=0.0,
     stain_bias=0.0,
 )
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = image in [0, 1]
@@ -112,8 +118,8 @@ def test_same_seed_gives_the_same_output_whatever_the_batch():
     others, other_seeds = images(9, seed=1), seeds(9, start=-50)
     for i in range(12):
         assert torch.equal(augment(x[i : i + 1], s[i : i + 1], ALL_ON)[0], full[i])
-        mixed = torch.cat([others[:i % 9], x[i : i + 1], others[i % 9 :]])
-        mixed_seeds = torch.cat([other_seeds[:i % 9], s[i : i + 1], other_seeds[i % 9 :]])
+        mixed = torch.cat([others[: i % 9], x[i : i + 1], others[i % 9 :]])
+        mixed_seeds = torch.cat([other_seeds[: i % 9], s[i : i + 1], other_seeds[i % 9 :]])
         assert torch.equal(augment(mixed, mixed_seeds, ALL_ON)[i % 9], full[i])
     assert torch.equal(augment(x.flip(0), s.flip(0), ALL_ON), full.flip(0))
 

@@ -176,11 +176,15 @@ def test_validate_problems_carry_the_dotted_path():
 
 def test_all_problems_in_one_error():
     with pytest.raises(ConfigError) as exc:
-        from_dict(TrainConfig, {
-            "epochz": 1,
-            "data": {"batch_size": "big"},
-            "optim": {"lr": -0.1, "name": "rmsprop"},
-        }, source="exp.yaml")
+        from_dict(
+            TrainConfig,
+            {
+                "epochz": 1,
+                "data": {"batch_size": "big"},
+                "optim": {"lr": -0.1, "name": "rmsprop"},
+            },
+            source="exp.yaml",
+        )
     problems = problems_of(exc)
     assert len(problems) == 3
     assert [p.split(":")[0] for p in problems] == ["epochz", "data.batch_size", "optim.name"]
@@ -221,7 +225,9 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.epochs == 20 and cfg.optim.name == "adamw" and cfg.data.batch_size == 128
     assert cfg.optim.lr == pytest.approx(3e-4)  # 3e-4 is a float, though plain YAML 1.1 reads a string
     assert cfg.optim.nesterov is True  # untouched fields of a section keep the field's default
-    cfg = load_config(TrainConfig, path, ["optim.lr=1e-3", "data.workers=4", "run_name=baseline", "optim.milestones=[2, 4]"])
+    cfg = load_config(
+        TrainConfig, path, ["optim.lr=1e-3", "data.workers=4", "run_name=baseline", "optim.milestones=[2, 4]"]
+    )
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.name == "adamw"
     assert cfg.data.workers == 4 and cfg.data.batch_size == 128
     assert cfg.run_name == "baseline" and cfg.optim.milestones == [2, 4]
@@ -230,7 +236,12 @@ def test_yaml_file_then_overrides(tmp_path):
 
 def test_override_values_are_yaml_scalars():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=", "f=0.5", "g=[1, 2]", "h=null"]) == {
-        "a": {"b": 1, "c": "x"}, "d": True, "e": "", "f": 0.5, "g": [1, 2], "h": None,
+        "a": {"b": 1, "c": "x"},
+        "d": True,
+        "e": "",
+        "f": 0.5,
+        "g": [1, 2],
+        "h": None,
     }
     assert parse_overrides(["x=[unclosed"]) == {"x": "[unclosed"}  # not YAML: kept as the string
 
@@ -297,16 +308,31 @@ def flag_parser() -> argparse.ArgumentParser:
 
 def test_flags_are_generated_with_help():
     text = flag_parser().format_help()
-    for expected in ("--input STR", "Source folder.", "--codec {npy,png}", "Image encoding. (default: npy)",
-                     "--quality INT", "95% is near lossless", "--shuffle, --no-shuffle", "Shuffle at write time.",
-                     "--out PATH", "Output folder. (default: out)", "--fraction FLOAT", "--note STR"):
+    for expected in (
+        "--input STR",
+        "Source folder.",
+        "--codec {npy,png}",
+        "Image encoding. (default: npy)",
+        "--quality INT",
+        "95% is near lossless",
+        "--shuffle, --no-shuffle",
+        "Shuffle at write time.",
+        "--out PATH",
+        "Output folder. (default: out)",
+        "--fraction FLOAT",
+        "--note STR",
+    ):
         assert expected in " ".join(text.split()), expected
 
 
 def test_flags_to_dataclass():
     parser = flag_parser()
-    cfg = from_namespace(Flags, parser.parse_args(["--input", "x", "--codec", "png", "--quality", "80",
-                                                   "--no-shuffle", "--out", "o/p", "--fraction", "0.25"]))
+    cfg = from_namespace(
+        Flags,
+        parser.parse_args(
+            ["--input", "x", "--codec", "png", "--quality", "80", "--no-shuffle", "--out", "o/p", "--fraction", "0.25"]
+        ),
+    )
     assert cfg == Flags(input="x", codec="png", quality=80, shuffle=False, out=Path("o/p"), fraction=0.25)
     assert from_namespace(Flags, parser.parse_args(["--input", "y"])) == Flags(input="y")  # unset: defaults
 
@@ -343,3 +369,30 @@ def test_yaml_1_1_booleans_stay_strings(tmp_path):
     assert cfg.tracking.mode == "offline" and cfg.train.cpu is False
     with pytest.raises(ConfigError, match="train.cpu: expected bool"):
         load_experiment(None, ["train.cpu=yes"])
+
+
+def test_help_config_lists_every_value_with_its_default_and_doc(capsys):
+    """Every option of a training run is reachable from the command line, with what it does."""
+    import dataclasses
+    import typing
+
+    from histo_dist.cli import main
+    from histo_dist.config import field_docs
+    from histo_dist.experiment import ExperimentConfig
+
+    assert main(["train", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    hints = typing.get_type_hints(ExperimentConfig)
+    for section in dataclasses.fields(ExperimentConfig):
+        docs = field_docs(hints[section.name])
+        for f in dataclasses.fields(hints[section.name]):
+            line = next((ln for ln in text.splitlines() if ln.strip().startswith(f"{section.name}.{f.name}:")), None)
+            assert line is not None, f"{section.name}.{f.name}"
+            assert docs.get(f.name), f"{section.name}.{f.name} has no docstring"
+            assert " ".join(docs[f.name].split()[:4]) in " ".join(text.split())
+    assert "  test.threshold: float | str = youden" in text  # the section's own default, not the class's
+    assert main(["train", "--help-config", "optim"]) == 0
+    optim = capsys.readouterr().out
+    assert "optim.lr: float = 0.001" in optim and "schedule." not in optim and "train." not in optim
+    assert main(["train", "--help-config", "optimizer"]) == 2
+    assert "did you mean 'optim'" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def pcam(tmp_path_factory):
 def index_of(key: str, split: str) -> int:
     prefix = f"{split}_"
     assert key.startswith(prefix) and len(key) == len(prefix) + 9, key
-    return int(key[len(prefix):])
+    return int(key[len(prefix) :])
 
 
 def manifest_of(folder: Path) -> dict:
@@ -164,7 +164,9 @@ def test_train_shuffle_is_deterministic_per_seed_and_optional(pcam, tmp_path, ca
     assert manifest_of(tmp_path / "seed1")["shuffle_seed"] == 1
     # the seed only moves the training split
     for name in ("seed1", "plain"):
-        assert [s["__key__"] for s in read_webdataset(tmp_path / name, "valid")] == [f"valid_{i:09d}" for i in range(20)]
+        assert [s["__key__"] for s in read_webdataset(tmp_path / name, "valid")] == [
+            f"valid_{i:09d}" for i in range(20)
+        ]
 
 
 def test_overwrite_gives_byte_identical_shards(pcam, tmp_path, capsys):
@@ -226,7 +228,9 @@ def samples_by_source(folder: Path, split: str) -> dict[str, dict]:
 
 def test_imagefolder_with_split_folders(tmp_path, capsys):
     classes = ("stroma", "adipose", "lymph")
-    items = write_imagefolder(tmp_path / "src", {"train": 8, "val": 3, "test": 2}, classes, split_dirs=("train", "val", "test"))
+    items = write_imagefolder(
+        tmp_path / "src", {"train": 8, "val": 3, "test": 2}, classes, split_dirs=("train", "val", "test")
+    )
     out = tmp_path / "out"
     rc, _, err = cli(capsys, *convert_args(tmp_path / "src", out))
     assert rc == 0, err
@@ -259,7 +263,11 @@ def test_imagefolder_unsplit_tree_is_split_from_seed(tmp_path, capsys):
         members[name] = {split: set(samples_by_source(tmp_path / name, split)) for split in ("train", "valid", "test")}
         parts = members[name]
         assert len(parts["valid"]) == len(parts["test"]) == 6 and len(parts["train"]) == 48
-        assert not (parts["train"] & parts["valid"]) and not (parts["train"] & parts["test"]) and not (parts["valid"] & parts["test"])
+        assert (
+            not (parts["train"] & parts["valid"])
+            and not (parts["train"] & parts["test"])
+            and not (parts["valid"] & parts["test"])
+        )
         assert parts["train"] | parts["valid"] | parts["test"] == all_files
     assert members["s0"] == members["s0-again"]
     assert tree_hashes(tmp_path / "s0") == tree_hashes(tmp_path / "s0-again")
@@ -278,11 +286,17 @@ def test_kaggle_layout_split_from_seed(tmp_path, capsys):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         rc, _, err = cli(capsys, *convert_args(tmp_path / "src", tmp_path / name, "--seed", str(seed)))
         assert rc == 0, err
-        got[name] = {split: {Path(src).stem: s for src, s in samples_by_source(tmp_path / name, split).items()}
-                     for split in ("train", "valid", "test")}
+        got[name] = {
+            split: {Path(src).stem: s for src, s in samples_by_source(tmp_path / name, split).items()}
+            for split in ("train", "valid", "test")
+        }
     manifest = manifest_of(tmp_path / "a")
     assert manifest["source"]["format"] == "kaggle"
-    assert {sp: manifest["splits"][sp]["num_samples"] for sp in manifest["splits"]} == {"train": 40, "valid": 5, "test": 5}
+    assert {sp: manifest["splits"][sp]["num_samples"] for sp in manifest["splits"]} == {
+        "train": 40,
+        "valid": 5,
+        "test": 5,
+    }
     ids = [set(got["a"][sp]) for sp in ("train", "valid", "test")]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     assert ids[0] | ids[1] | ids[2] == set(truth)
@@ -346,10 +360,19 @@ def damage_meta_rows(root):
     return pcam_name("valid", "meta")
 
 
-@pytest.mark.parametrize("damage", [
-    damage_missing_file, damage_length_mismatch, damage_x_shape, damage_x_dtype, damage_y_shape,
-    damage_x_not_hdf5, damage_label, damage_meta_rows,
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        damage_missing_file,
+        damage_length_mismatch,
+        damage_x_shape,
+        damage_x_dtype,
+        damage_y_shape,
+        damage_x_not_hdf5,
+        damage_label,
+        damage_meta_rows,
+    ],
+)
 def test_bad_pcam_input_is_named_and_nothing_written(tmp_path, capsys, damage):
     src, out = tmp_path / "src", tmp_path / "out"
     pcam_small(src)
@@ -425,11 +448,14 @@ def test_kaggle_missing_image(tmp_path, capsys):
     assert written(tmp_path / "out") == []
 
 
-@pytest.mark.parametrize("bad_line, expect", [
-    (None, "header"),   # columns renamed
-    ("{id},2", ":5:"),  # a label outside {0, 1}, on line 5
-    ("{id},", ":5:"),   # an empty label
-])
+@pytest.mark.parametrize(
+    "bad_line, expect",
+    [
+        (None, "header"),  # columns renamed
+        ("{id},2", ":5:"),  # a label outside {0, 1}, on line 5
+        ("{id},", ":5:"),  # an empty label
+    ],
+)
 def test_kaggle_bad_labels_csv(tmp_path, capsys, bad_line, expect):
     write_kaggle(tmp_path / "src", n=20)
     csv_path = tmp_path / "src" / "train_labels.csv"
@@ -490,8 +516,21 @@ def test_overwrite_with_bad_input_keeps_the_previous_conversion(pcam, tmp_path, 
 
 def test_invalid_options_are_reported_together(pcam, tmp_path, capsys):
     src, _ = pcam
-    rc, _, err = cli(capsys, *convert_args(src, tmp_path / "out", "--samples-per-shard", "0",
-                                          "--valid-fraction", "0.6", "--test-fraction", "0.5", "--splits", "train,tset"))
+    rc, _, err = cli(
+        capsys,
+        *convert_args(
+            src,
+            tmp_path / "out",
+            "--samples-per-shard",
+            "0",
+            "--valid-fraction",
+            "0.6",
+            "--test-fraction",
+            "0.5",
+            "--splits",
+            "train,tset",
+        ),
+    )
     assert rc == 2
     for problem in ("samples_per_shard", "valid_fraction + test_fraction", "splits"):
         assert problem in err
@@ -546,8 +585,9 @@ def test_sigkill_mid_conversion_then_resume(tmp_path, capsys):
     out = tmp_path / "out"
     args = convert_args(src, out, "--codec", "png")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "histo_dist", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histo_dist", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -588,8 +628,19 @@ def test_sigkill_mid_conversion_then_resume(tmp_path, capsys):
 @pytest.mark.realdata
 def test_real_pcam_sample_converts_and_verifies(real_data, tmp_path, capsys):
     out = tmp_path / "real"
-    rc, stdout, err = cli(capsys, "convert", "--input", real_data, "--output", out, "--workers", "1",
-                          "--no-progress", "--samples-per-shard", "512")
+    rc, stdout, err = cli(
+        capsys,
+        "convert",
+        "--input",
+        real_data,
+        "--output",
+        out,
+        "--workers",
+        "1",
+        "--no-progress",
+        "--samples-per-shard",
+        "512",
+    )
     assert rc == 0, err
     manifest = manifest_of(out)
     assert {k: v["num_samples"] for k, v in manifest["splits"].items()} == {"train": 1200, "valid": 400, "test": 400}

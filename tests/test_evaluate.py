@@ -14,10 +14,11 @@ import torch
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
-from histo_dist.checkpoint import CheckpointError
 from histo_dist.augment import AugmentConfig, dihedral_views
+from histo_dist.checkpoint import CheckpointError
 from histo_dist.evaluate import EvalConfig, evaluate
 from histo_dist.inference import DataMismatchError, InferenceModel
+from histo_dist.manifest import ManifestError
 from histo_dist.metrics import (
     EvaluationError,
     binary_metrics,
@@ -26,12 +27,18 @@ from histo_dist.metrics import (
     multiclass_metrics,
     weighted_auroc,
 )
-from histo_dist.manifest import ManifestError
 from tests.eval_data import is_png, load_json, make_checkpoint, make_multiclass_dataset, read_csv, trained_run
 
 BIN = Path(sys.executable).parent
-PLOTS = ("learning_curves.png", "roc.png", "pr.png", "confusion_matrix.png", "confusion_matrix_tta.png",
-         "reliability.png", "errors.png")
+PLOTS = (
+    "learning_curves.png",
+    "roc.png",
+    "pr.png",
+    "confusion_matrix.png",
+    "confusion_matrix_tta.png",
+    "reliability.png",
+    "errors.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +47,15 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def eval_cfg(shards: Path, checkpoint: Path, output: Path, **kw) -> EvalConfig:
-    base = dict(checkpoint=str(checkpoint), data=str(shards), output=str(output), num_workers=0, batch_size=32,
-                bootstrap=200, progress=False)
+    base = dict(
+        checkpoint=str(checkpoint),
+        data=str(shards),
+        output=str(output),
+        num_workers=0,
+        batch_size=32,
+        bootstrap=200,
+        progress=False,
+    )
     return EvalConfig(**{**base, **kw})
 
 
@@ -81,7 +95,9 @@ def test_expected_calibration_error_is_the_15_bin_reference():
     probs, labels = random_binary(decimals=None)
     p, y = probs.numpy(), labels.numpy()
     bins = np.minimum((p * 15).astype(int), 14)
-    reference = sum(abs(y[bins == b].mean() - p[bins == b].mean()) * (bins == b).mean() for b in range(15) if (bins == b).any())
+    reference = sum(
+        abs(y[bins == b].mean() - p[bins == b].mean()) * (bins == b).mean() for b in range(15) if (bins == b).any()
+    )
     assert binary_metrics(probs, labels)["ece"] == pytest.approx(reference, abs=1e-9)
 
 
@@ -99,7 +115,8 @@ def test_multiclass_metrics_equal_scikit_learn():
     assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, hard))
     assert got["auroc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
     assert got["average_precision"] == pytest.approx(
-        skm.average_precision_score(label_binarize(labels, classes=[0, 1, 2]), probs, average="macro"))
+        skm.average_precision_score(label_binarize(labels, classes=[0, 1, 2]), probs, average="macro")
+    )
     assert got["nll"] == pytest.approx(skm.log_loss(labels, probs))
     assert got["confusion_matrix"] == skm.confusion_matrix(labels, hard).tolist()
     assert got["per_class"]["b"]["recall"] == pytest.approx(skm.recall_score(labels, hard, average=None)[1])
@@ -114,7 +131,9 @@ def brute_force_threshold(probs: np.ndarray, labels: np.ndarray, method: str) ->
     best, best_t = -np.inf, None
     for t in sorted(set(probs.tolist())):
         tn, fp, fn, tp = skm.confusion_matrix(labels, (probs >= t).astype(int), labels=[0, 1]).ravel()
-        score = tp / (tp + fn) - fp / (fp + tn) if method == "youden" else skm.f1_score(labels, (probs >= t).astype(int))
+        score = (
+            tp / (tp + fn) - fp / (fp + tn) if method == "youden" else skm.f1_score(labels, (probs >= t).astype(int))
+        )
         if score > best + 1e-12:
             best, best_t = score, t
     return best_t
@@ -138,7 +157,9 @@ def test_resample_auroc_equals_scikit_learn_with_sample_weights():
     counts[0] = 1
     got = weighted_auroc(probs, labels == 1, counts)
     for row, value in zip(counts, got):
-        assert float(value) == pytest.approx(skm.roc_auc_score(labels.numpy(), probs.numpy(), sample_weight=row.numpy()))
+        assert float(value) == pytest.approx(
+            skm.roc_auc_score(labels.numpy(), probs.numpy(), sample_weight=row.numpy())
+        )
 
 
 def test_bootstrap_intervals_are_seeded_and_contain_the_estimate():
@@ -172,7 +193,9 @@ class TopLeft(torch.nn.Module):
 
 
 def predict_probs(model: torch.nn.Module, x: torch.Tensor, num_classes: int, tta: bool):
-    wrapped = InferenceModel(model, num_classes, tuple(map(str, range(num_classes))), (8, 8, 3), AugmentConfig(), False, "test")
+    wrapped = InferenceModel(
+        model, num_classes, tuple(map(str, range(num_classes))), (8, 8, 3), AugmentConfig(), False, "test"
+    )
     return wrapped.probabilities(x, tta)
 
 
@@ -196,8 +219,11 @@ def test_tta_averages_probabilities_not_logits():
     torch.testing.assert_close(plain, torch.sigmoid(x[:, 0, 0, 0] * 2))
     torch.testing.assert_close(tta, torch.sigmoid(corners).mean(1))  # each corner is seen by 2 of the 8 views
     assert not torch.allclose(tta, torch.sigmoid(corners.mean(1)), atol=1e-4)
+
     # Multi-class: softmax per view, then the mean.
-    logits = lambda v: torch.stack([v[:, 0, 0, 0], v[:, 1, 0, 0], v[:, 2, 0, 0]], 1)
+    def logits(v):
+        return torch.stack([v[:, 0, 0, 0], v[:, 1, 0, 0], v[:, 2, 0, 0]], 1)
+
     model = type("M", (torch.nn.Module,), {"forward": lambda self, v: logits(v)})()
     _, tta3 = predict_probs(model, x, 3, tta=True)
     expected = torch.stack([torch.softmax(logits(v), 1) for v in dihedral_views(x)]).mean(0)
@@ -219,10 +245,26 @@ def evaluation(run, tmp_path_factory) -> tuple[Path, dict]:
 def test_evaluation_writes_metrics_predictions_and_every_plot(evaluation, run):
     out, results = evaluation
     metrics = load_json(out / "metrics.json")
-    for name in ("accuracy", "precision", "recall", "f1", "auroc", "average_precision", "balanced_accuracy", "nll",
-                 "ece", "confusion_matrix", "threshold", "ci95"):
+    for name in (
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "auroc",
+        "average_precision",
+        "balanced_accuracy",
+        "nll",
+        "ece",
+        "confusion_matrix",
+        "threshold",
+        "ci95",
+    ):
         assert name in metrics and name in metrics["tta"], name
-    assert metrics["num_samples"] == 100 and metrics["threshold_method"] == "youden" and metrics["threshold_split"] == "valid"
+    assert (
+        metrics["num_samples"] == 100
+        and metrics["threshold_method"] == "youden"
+        and metrics["threshold_split"] == "valid"
+    )
     assert 0.7 < metrics["auroc"] < 0.99  # the tiny model learned the centre square, not the label noise
     for name in ("auroc", "accuracy"):
         lo, hi = metrics["ci95"][name]
@@ -231,8 +273,16 @@ def test_evaluation_writes_metrics_predictions_and_every_plot(evaluation, run):
         assert is_png(out / name), name
     rows = read_csv(out / "predictions.csv")
     assert [r["key"] for r in rows] == [f"test_{i:09d}" for i in range(100)]  # one row per sample, sorted
-    assert list(rows[0]) == ["key", "label", "probability", "predicted", "predicted_name", "probability_tta",
-                             "predicted_tta", "predicted_name_tta"]
+    assert list(rows[0]) == [
+        "key",
+        "label",
+        "probability",
+        "predicted",
+        "predicted_name",
+        "probability_tta",
+        "predicted_tta",
+        "predicted_name_tta",
+    ]
     # The numbers in metrics.json are those of the predictions in the CSV (scikit-learn recomputes them).
     y = np.array([int(r["label"]) for r in rows])
     for suffix, section in (("", metrics), ("_tta", metrics["tta"])):
@@ -246,20 +296,24 @@ def test_the_runs_test_evaluation_is_what_evaluate_reports_for_its_best_checkpoi
     """One evaluation path: the trainer's test of the best checkpoint (RUN/test/, threshold chosen on
     valid by default) and `histo-dist evaluate` with the same options write the same files."""
     shards, run_dir = run
-    cfg = eval_cfg(shards, run_dir / "checkpoints/best.pt", tmp_path / "out", threshold="youden", bootstrap=1000,
-                   batch_size=100)
+    cfg = eval_cfg(
+        shards, run_dir / "checkpoints/best.pt", tmp_path / "out", threshold="youden", bootstrap=1000, batch_size=100
+    )
     results = evaluate(cfg)
     assert load_json(run_dir / "test/metrics.json") == load_json(tmp_path / "out/metrics.json") == results
-    assert results["threshold_method"] == "youden" and results["step"] == torch.load(
-        run_dir / "checkpoints/best.pt", weights_only=True)["step"]
+    assert (
+        results["threshold_method"] == "youden"
+        and results["step"] == torch.load(run_dir / "checkpoints/best.pt", weights_only=True)["step"]
+    )
     assert (run_dir / "test/predictions.csv").read_bytes() == (tmp_path / "out/predictions.csv").read_bytes()
 
 
 def test_threshold_is_chosen_on_valid_and_applied_unchanged_to_test(evaluation, run, tmp_path):
     out, results = evaluation
     shards, run_dir = run
-    valid = evaluate(eval_cfg(shards, run_dir / "checkpoints/best.pt", tmp_path, split="valid", tta=True, bootstrap=0,
-                              plots=False))
+    valid = evaluate(
+        eval_cfg(shards, run_dir / "checkpoints/best.pt", tmp_path, split="valid", tta=True, bootstrap=0, plots=False)
+    )
     assert valid["num_samples"] == 73
     rows = read_csv(tmp_path / "predictions.csv")
     y = np.array([int(r["label"]) for r in rows])
@@ -303,10 +357,34 @@ def test_two_ranks_equal_one_rank(evaluation, run, tmp_path):
     out1, one = evaluation
     shards, run_dir = run
     out2 = tmp_path / "two"
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
-           "-m", "histo_dist", "evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"), "--data", str(shards),
-           "--output", str(out2), "--threshold", "youden", "--tta", "--bootstrap", "200", "--batch-size", "32",
-           "--num-workers", "0", "--no-progress"]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "-m",
+        "histo_dist",
+        "evaluate",
+        "--checkpoint",
+        str(run_dir / "checkpoints/best.pt"),
+        "--data",
+        str(shards),
+        "--output",
+        str(out2),
+        "--threshold",
+        "youden",
+        "--tta",
+        "--bootstrap",
+        "200",
+        "--batch-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -314,8 +392,18 @@ def test_two_ranks_equal_one_rank(evaluation, run, tmp_path):
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["num_samples"] == one["num_samples"] == 100  # each sample once across ranks
     for section_two, section_one in ((two, one), (two["tta"], one["tta"])):
-        for name in ("threshold", "accuracy", "precision", "recall", "f1", "auroc", "average_precision",
-                     "balanced_accuracy", "nll", "ece"):
+        for name in (
+            "threshold",
+            "accuracy",
+            "precision",
+            "recall",
+            "f1",
+            "auroc",
+            "average_precision",
+            "balanced_accuracy",
+            "nll",
+            "ece",
+        ):
             assert section_two[name] == pytest.approx(section_one[name], abs=1e-6), name
         assert section_two["confusion_matrix"] == section_one["confusion_matrix"]
         for name in ("auroc", "accuracy"):
@@ -373,7 +461,9 @@ def test_cli_prints_the_error_and_exits_2(run, tmp_path, capsys):
     from histo_dist.cli import main
 
     shards, run_dir = run
-    code = main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(shards), "--output", str(tmp_path)])
+    code = main(
+        ["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(shards), "--output", str(tmp_path)]
+    )
     assert code == 2
     assert "nope.pt: no such checkpoint" in capsys.readouterr().err
 

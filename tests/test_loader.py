@@ -22,6 +22,7 @@ from histo_dist.manifest import Manifest, sample_key
 from histo_dist.shards import ShardError, write_shard
 from tests.shard_data import encoded_image, label_of, make_dataset
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Manifest:
     # Uneven shards, fewer shards than ranks x workers in some combinations.
@@ -55,8 +56,20 @@ def test_plan_equal_steps_disjoint_training_and_exact_once_eval(sizes, world, wo
 
     train, batches_per_rank = [], []
     for rank in range(world):
-        plans = [worker_plan(sizes, seed=5, epoch=2, rank=rank, world_size=world, num_workers=workers, worker=w,
-                             batch_size=batch, training=True) for w in range(max(workers, 1))]
+        plans = [
+            worker_plan(
+                sizes,
+                seed=5,
+                epoch=2,
+                rank=rank,
+                world_size=world,
+                num_workers=workers,
+                worker=w,
+                batch_size=batch,
+                training=True,
+            )
+            for w in range(max(workers, 1))
+        ]
         batches_per_rank.append(sum(p.num_batches for p in plans))
         for p in plans:
             assert p.num_samples == p.num_batches * batch  # only full batches in training
@@ -68,8 +81,19 @@ def test_plan_equal_steps_disjoint_training_and_exact_once_eval(sizes, world, wo
     evaluated = []
     for rank in range(world):
         for w in range(max(workers, 1)):
-            evaluated += samples(worker_plan(sizes, seed=5, epoch=2, rank=rank, world_size=world, num_workers=workers,
-                                             worker=w, batch_size=batch, training=False))
+            evaluated += samples(
+                worker_plan(
+                    sizes,
+                    seed=5,
+                    epoch=2,
+                    rank=rank,
+                    world_size=world,
+                    num_workers=workers,
+                    worker=w,
+                    batch_size=batch,
+                    training=False,
+                )
+            )
     assert sorted(evaluated) == sorted((s, i) for s, n in enumerate(sizes) for i in range(n))  # each exactly once
 
 
@@ -234,8 +258,15 @@ def test_shard_with_fewer_samples_than_manifest_is_an_error(tmp_path):
     manifest = make_dataset(tmp_path, {"valid": [20, 20]})
     # Replace shard 1 by a valid shard holding only 15 samples: the tar is fine, the count is not.
     idx = list(range(20, 35))
-    write_shard(tmp_path / "valid-000001.tar", [sample_key("valid", j) for j in idx],
-                np.stack([encoded_image(j) for j in idx]), np.array([label_of(j) for j in idx]), [{}] * 15, "npy", 2)
+    write_shard(
+        tmp_path / "valid-000001.tar",
+        [sample_key("valid", j) for j in idx],
+        np.stack([encoded_image(j) for j in idx]),
+        np.array([label_of(j) for j in idx]),
+        [{}] * 15,
+        "npy",
+        2,
+    )
     loader = ShardLoader(manifest, "valid", LoaderConfig(eval_batch_size=8, num_workers=0), training=False)
     with pytest.raises(ShardError, match=r"valid-000001.tar: ends after 15 samples, the manifest says 20"):
         list(loader)
@@ -259,12 +290,13 @@ from histo_dist.loader import LoaderConfig, ShardLoader
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 m = Manifest.load(sys.argv[1])
-train = ShardLoader(m, "train", LoaderConfig(batch_size=8, num_workers=2, shuffle_buffer=32), rank=rank, world_size=world, seed=4)
+cfg = LoaderConfig(batch_size=8, eval_batch_size=5, num_workers=2, shuffle_buffer=32)
+train = ShardLoader(m, "train", cfg, rank=rank, world_size=world, seed=4)
 keys, steps = [], 0
 for batch in train:
     dist.all_reduce(torch.ones(1))  # a collective every step, as DDP does: uneven steps would hang
     keys += batch["key"]; steps += 1
-valid = ShardLoader(m, "valid", LoaderConfig(eval_batch_size=5, num_workers=2), rank=rank, world_size=world, training=False)
+valid = ShardLoader(m, "valid", cfg, rank=rank, world_size=world, training=False)
 eval_keys = [k for b in valid for k in b["key"]]
 gathered = [None] * world
 dist.all_gather_object(gathered, (steps, keys, eval_keys))
@@ -286,8 +318,13 @@ def test_two_real_ranks_under_torchrun(dataset, tmp_path):
     script.write_text(DIST_SCRIPT)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(dataset.root)],
-                         capture_output=True, text=True, timeout=180, env=env)
+    out = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(dataset.root)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     # 174 training samples / 2 ranks / batch 8 -> 10 steps each; all 66 validation samples once.
     assert "DIST-OK [10, 10] 160 66" in out.stdout

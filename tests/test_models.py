@@ -164,7 +164,9 @@ def test_old_densenet_key_names_are_renamed(hub_dir):
     path.parent.mkdir(parents=True)
     torch.save(old, path)
     model = build_model(ModelConfig(name="densenet121", pretrained="imagenet"), 2)
-    assert_same(backbone_state(model), {k: v for k, v in densenet.state_dict().items() if not k.startswith("classifier.")})
+    assert_same(
+        backbone_state(model), {k: v for k, v in densenet.state_dict().items() if not k.startswith("classifier.")}
+    )
 
 
 def test_weights_file_from_another_instance_reproduces_its_backbone(tmp_path):
@@ -180,7 +182,9 @@ def test_weights_file_from_another_instance_reproduces_its_backbone(tmp_path):
 def test_weights_file_formats(tmp_path):
     """Checkpoint dicts, DDP / compile key prefixes and safetensors files hold the same weights."""
     source = build_model(ModelConfig(name="simple_cnn"), 2)
-    torch.save({"model": {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}, "step": 3}, tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}, "step": 3}, tmp_path / "ckpt.pt"
+    )
     files = [tmp_path / "ckpt.pt"]
     safetensors = pytest.importorskip("safetensors.torch")
     safetensors.save_file(source.net.state_dict(), str(tmp_path / "net.safetensors"))
@@ -192,12 +196,18 @@ def test_weights_file_formats(tmp_path):
 
 def test_weights_file_of_another_architecture_is_refused_clearly(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pth")
-    with pytest.raises(ModelError, match=r"resnet34\.pth does not fit the resnet18 backbone: unexpected .*layer1\.2\.conv1\.weight"):
+    with pytest.raises(
+        ModelError, match=r"resnet34\.pth does not fit the resnet18 backbone: unexpected .*layer1\.2\.conv1\.weight"
+    ):
         build_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "resnet34.pth")), 2)
     torch.save(build_model(ModelConfig(), 2).state_dict(), tmp_path / "cnn.pth")
-    with pytest.raises(ModelError, match=r"cnn\.pth does not fit the resnet18 backbone: missing \(\d+\): conv1\.weight"):
+    with pytest.raises(
+        ModelError, match=r"cnn\.pth does not fit the resnet18 backbone: missing \(\d+\): conv1\.weight"
+    ):
         build_model(ModelConfig(name="resnet18", pretrained=str(tmp_path / "cnn.pth")), 2)
-    with pytest.raises(ModelError, match=r"shape mismatch.*features\.0\.0\.weight \(file \(16, 3, 3, 3\), model \(32, 3, 3, 3\)\)"):
+    with pytest.raises(
+        ModelError, match=r"shape mismatch.*features\.0\.0\.weight \(file \(16, 3, 3, 3\), model \(32, 3, 3, 3\)\)"
+    ):
         state = build_model(ModelConfig(), 2).net.state_dict()
         state["features.0.0.weight"] = torch.zeros(16, 3, 3, 3)
         torch.save(state, tmp_path / "narrow.pth")
@@ -224,7 +234,9 @@ def test_config_problems_name_their_field():
     (problem,) = ModelConfig(name="resnet18", freeze="layer5").validate()
     assert problem == "freeze: resnet18 has no stage 'layer5'; valid: none, all, stem, layer1, layer2, layer3, layer4"
     (problem,) = ModelConfig(name="resnet18", pretrained="IMAGENET1K_V2").validate()
-    assert problem.startswith("pretrained: resnet18 has no weights 'IMAGENET1K_V2'; known: imagenet, IMAGENET1K_V1, DEFAULT")
+    assert problem.startswith(
+        "pretrained: resnet18 has no weights 'IMAGENET1K_V2'; known: imagenet, IMAGENET1K_V1, DEFAULT"
+    )
     (problem,) = ModelConfig(pretrained="imagenet").validate()
     assert problem.startswith("pretrained: simple_cnn has no torchvision weights")
     (problem,) = ModelConfig(dropout=1.0).validate()

@@ -75,7 +75,10 @@ def test_frozen_or_zero_lr_backbone_is_left_out():
     trainable = {id(p) for p in partly.parameters() if p.requires_grad}
     assert {id(p) for g in param_groups(partly, OptimConfig()) for p in g["params"]} == trainable
     model = build_model(ModelConfig(), 2)
-    assert [g["name"] for g in param_groups(model, OptimConfig(backbone_lr_scale=0.0))] == ["head/decay", "head/no_decay"]
+    assert [g["name"] for g in param_groups(model, OptimConfig(backbone_lr_scale=0.0))] == [
+        "head/decay",
+        "head/no_decay",
+    ]
 
 
 def test_a_model_without_a_head_trains_at_the_full_lr():
@@ -85,7 +88,9 @@ def test_a_model_without_a_head_trains_at_the_full_lr():
 
 def test_a_wrapped_model_keeps_its_head(resnet):
     cfg = OptimConfig(backbone_lr_scale=0.1)
-    assert [g["name"] for g in param_groups(nn.DataParallel(resnet), cfg)] == [g["name"] for g in param_groups(resnet, cfg)]
+    assert [g["name"] for g in param_groups(nn.DataParallel(resnet), cfg)] == [
+        g["name"] for g in param_groups(resnet, cfg)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +157,9 @@ def test_onecycle_rises_to_lr_then_falls():
 @pytest.mark.parametrize(("mode", "better"), [("min", 0.5), ("max", 2.0)])
 def test_plateau_reduces_after_patience(mode, better):
     optimizer = sgd(LR)
-    scheduler = build_scheduler(optimizer, ScheduleConfig(name="plateau", mode=mode, patience=2, factor=0.5, min_lr_ratio=0.3), 1)
+    scheduler = build_scheduler(
+        optimizer, ScheduleConfig(name="plateau", mode=mode, patience=2, factor=0.5, min_lr_ratio=0.3), 1
+    )
     assert isinstance(scheduler, ReduceLROnPlateau)
     lrs = []
     for metric in [1.0, better, better, better, better, better**2, better**2, better**2, better**2]:
@@ -190,8 +197,17 @@ def test_optim_config_problems_name_their_field():
     assert OptimConfig().validate() == []
     (problem,) = OptimConfig(name="adamm").validate()
     assert problem == "name: unknown 'adamm' (did you mean 'adam'?); known: adam, adamw, sgd"
-    problems = OptimConfig(lr=0.0, weight_decay=-1, momentum=1.0, nesterov=True, betas=(0.9, 1.0), backbone_lr_scale=-0.1).validate()
-    assert [p.split(":")[0] for p in problems] == ["lr", "weight_decay", "momentum", "nesterov", "betas", "backbone_lr_scale"]
+    problems = OptimConfig(
+        lr=0.0, weight_decay=-1, momentum=1.0, nesterov=True, betas=(0.9, 1.0), backbone_lr_scale=-0.1
+    ).validate()
+    assert [p.split(":")[0] for p in problems] == [
+        "lr",
+        "weight_decay",
+        "momentum",
+        "nesterov",
+        "betas",
+        "backbone_lr_scale",
+    ]
     (problem,) = OptimConfig(lr=math.nan).validate()
     assert problem.startswith("lr:")
     with pytest.raises(ConfigError) as error:
@@ -205,8 +221,18 @@ def test_schedule_config_problems_name_their_field():
     assert ScheduleConfig().validate() == []
     (problem,) = ScheduleConfig(name="cosin").validate()
     assert problem.startswith("name: unknown 'cosin' (did you mean 'cosine'?)")
-    problems = ScheduleConfig(warmup_steps=-1, min_lr_ratio=2, step_size=0, gamma=0, pct_start=1, factor=1, patience=-1).validate()
-    assert [p.split(":")[0] for p in problems] == ["warmup_steps", "min_lr_ratio", "step_size", "gamma", "pct_start", "factor", "patience"]
+    problems = ScheduleConfig(
+        warmup_steps=-1, min_lr_ratio=2, step_size=0, gamma=0, pct_start=1, factor=1, patience=-1
+    ).validate()
+    assert [p.split(":")[0] for p in problems] == [
+        "warmup_steps",
+        "min_lr_ratio",
+        "step_size",
+        "gamma",
+        "pct_start",
+        "factor",
+        "patience",
+    ]
     (problem,) = ScheduleConfig(name="plateau", warmup_steps=10).validate()
     assert problem.startswith("warmup_steps: not used by plateau")
     with pytest.raises(ConfigError) as error:

@@ -41,8 +41,17 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_predict(checkpoint: Path, input: Path, output: Path, **kw) -> list[dict[str, str]]:
-    predict(PredictConfig(checkpoint=str(checkpoint), input=str(input), output=str(output), batch_size=32,
-                          num_workers=0, progress=False, **kw))
+    predict(
+        PredictConfig(
+            checkpoint=str(checkpoint),
+            input=str(input),
+            output=str(output),
+            batch_size=32,
+            num_workers=0,
+            progress=False,
+            **kw,
+        )
+    )
     return read_csv(output)
 
 
@@ -71,25 +80,56 @@ def test_png_folder_h5_and_shards_give_the_same_probabilities(run, inputs, tmp_p
     reference = by_index(shard)
     np.testing.assert_allclose(by_index(png), reference, rtol=0, atol=1e-6)
     np.testing.assert_allclose(by_index(h5), reference, rtol=0, atol=1e-6)
-    assert by_index(h5, "label").tolist() == by_index(shard, "label").tolist() == [noisy_label(j) for j in range(N_TEST)]
+    assert (
+        by_index(h5, "label").tolist() == by_index(shard, "label").tolist() == [noisy_label(j) for j in range(N_TEST)]
+    )
     assert all(r["predicted_name"] == ("positive" if float(r["probability"]) >= 0.5 else "negative") for r in png)
     # ... and the same as `evaluate` on the shards, with and without TTA.
-    evaluate(EvalConfig(checkpoint=str(best), data=str(shards), output=str(tmp_path / "eval"), tta=True, bootstrap=0,
-                        plots=False, num_workers=0, progress=False))
+    evaluate(
+        EvalConfig(
+            checkpoint=str(best),
+            data=str(shards),
+            output=str(tmp_path / "eval"),
+            tta=True,
+            bootstrap=0,
+            plots=False,
+            num_workers=0,
+            progress=False,
+        )
+    )
     evaluated = read_csv(tmp_path / "eval/predictions.csv")
     np.testing.assert_allclose(by_index(evaluated), reference, rtol=0, atol=1e-6)
     tta = run_predict(best, inputs["png"], tmp_path / "png-tta.csv", tta=True)
-    assert list(tta[0]) == ["key", "probability", "predicted", "predicted_name", "probability_tta", "predicted_tta",
-                            "predicted_name_tta"]  # the schema of evaluate's predictions.csv
+    assert list(tta[0]) == [
+        "key",
+        "probability",
+        "predicted",
+        "predicted_name",
+        "probability_tta",
+        "predicted_tta",
+        "predicted_name_tta",
+    ]  # the schema of evaluate's predictions.csv
     np.testing.assert_allclose(by_index(tta), reference, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(by_index(tta, "probability_tta"), by_index(evaluated, "probability_tta"), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        by_index(tta, "probability_tta"), by_index(evaluated, "probability_tta"), rtol=0, atol=1e-6
+    )
 
 
 def test_threshold_from_an_evaluation_is_applied(run, inputs, tmp_path):
     shards, run_dir = run
     best = run_dir / "checkpoints/best.pt"
-    results = evaluate(EvalConfig(checkpoint=str(best), data=str(shards), output=str(tmp_path / "eval"), threshold="f1",
-                                  bootstrap=0, plots=False, num_workers=0, progress=False))
+    results = evaluate(
+        EvalConfig(
+            checkpoint=str(best),
+            data=str(shards),
+            output=str(tmp_path / "eval"),
+            threshold="f1",
+            bootstrap=0,
+            plots=False,
+            num_workers=0,
+            progress=False,
+        )
+    )
     rows = run_predict(best, inputs["h5"], tmp_path / "out.csv", threshold=str(tmp_path / "eval/metrics.json"))
     assert results["threshold"] != 0.5
     assert [int(r["predicted"]) for r in rows] == [int(float(r["probability"]) >= results["threshold"]) for r in rows]
@@ -101,7 +141,9 @@ def test_other_image_size_is_an_error_unless_resize(run, tmp_path):
     folder = tmp_path / "big"
     folder.mkdir()
     for j in range(3):
-        Image.fromarray(np.random.default_rng(j).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{j}.png")
+        Image.fromarray(np.random.default_rng(j).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"{j}.png"
+        )
     with pytest.raises(DataMismatchError, match=r"0.png: images are 40x40 pixels.*trained on 32x32.*--resize"):
         run_predict(best, folder, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
@@ -143,7 +185,17 @@ def test_cli_prints_the_error_and_exits_2(run, tmp_path, capsys):
 
     _, run_dir = run
     (tmp_path / "empty").mkdir()
-    code = main(["predict", "--checkpoint", str(run_dir / "checkpoints/best.pt"), "--input", str(tmp_path / "empty"),
-                 "--output", str(tmp_path / "out.csv"), "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(run_dir / "checkpoints/best.pt"),
+            "--input",
+            str(tmp_path / "empty"),
+            "--output",
+            str(tmp_path / "out.csv"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "histo-dist predict: error:" in capsys.readouterr().err

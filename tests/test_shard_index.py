@@ -17,8 +17,15 @@ N = 12
 
 def shard(tmp_path: Path, codec: str = "npy", metas=None, name: str = "train-000000.tar") -> Path:
     path = tmp_path / name
-    write_shard(path, [sample_key("train", i) for i in range(N)], np.stack([encoded_image(i) for i in range(N)]),
-                np.array([label_of(i) for i in range(N)]), metas or [{"index": i} for i in range(N)], codec, 2)
+    write_shard(
+        path,
+        [sample_key("train", i) for i in range(N)],
+        np.stack([encoded_image(i) for i in range(N)]),
+        np.array([label_of(i) for i in range(N)]),
+        metas or [{"index": i} for i in range(N)],
+        codec,
+        2,
+    )
     return path
 
 
@@ -72,12 +79,15 @@ DAMAGE = {
     "size field grown by a block": lambda p: overwrite(p, header_of(p, f"{KEY}.json") + 124, b"00000001041"),
     "magic gone": lambda p: overwrite(p, header_of(p, f"{KEY}.npy") + 257, b"xxxxx"),
     "key seen twice": lambda p: overwrite(p, header_of(p, f"{sample_key('train', 9)}.cls"), f"{KEY}.cls".encode()),
-    "members of two keys mixed": lambda p: overwrite(p, header_of(p, f"{KEY}.npy"), f"{sample_key('train', 5)}.npy".encode()),
+    "members of two keys mixed": lambda p: overwrite(
+        p, header_of(p, f"{KEY}.npy"), f"{sample_key('train', 5)}.npy".encode()
+    ),
     "a member without extension": lambda p: overwrite(p, header_of(p, f"{KEY}.json"), KEY.encode() + b"\0json"),
     "data after the end marker": lambda p: p.write_bytes(p.read_bytes() + b"\1" * 512),
     "truncated inside an image": lambda p: p.write_bytes(p.read_bytes()[: member_offset(p, f"{KEY}.npy")[0] + 100]),
-    "end marker missing": lambda p: p.write_bytes(p.read_bytes()[: member_offset(p, f"{sample_key('train', N - 1)}.npy")[0]
-                                                                 + 512]),  # cut after the last image (1 block)
+    "end marker missing": lambda p: p.write_bytes(
+        p.read_bytes()[: member_offset(p, f"{sample_key('train', N - 1)}.npy")[0] + 512]
+    ),  # cut after the last image (1 block)
     "directory entry among the samples": None,  # built below: a valid tar, a layout the fast path cannot guess
 }
 

@@ -73,9 +73,10 @@ def test_layout_and_colours_match_the_real_pcam_files(tmp_path, real_data):
     write(tmp_path, n_test=3)
     for split in synth.SPLITS:
         for part, name in (("x", "x"), ("y", "y")):
-            with h5py.File(real_data / f"camelyonpatch_level_2_split_{split}_{part}.h5", "r") as real, h5py.File(
-                synth.pcam_paths(tmp_path, split)[part], "r"
-            ) as ours:
+            with (
+                h5py.File(real_data / f"camelyonpatch_level_2_split_{split}_{part}.h5", "r") as real,
+                h5py.File(synth.pcam_paths(tmp_path, split)[part], "r") as ours,
+            ):
                 assert list(ours) == list(real) == [name]
                 assert ours[name].dtype == real[name].dtype
                 assert ours[name].shape[1:] == real[name].shape[1:]
@@ -186,7 +187,7 @@ def test_a_small_cnn_learns_the_labels_but_not_perfectly():
     x_train, y_train, _ = synth.make_patches(1536, np.random.default_rng(train_stream))
     x_valid, y_valid, _ = synth.make_patches(512, np.random.default_rng(valid_stream))
 
-    def tensors(x: np.ndarray) -> "torch.Tensor":
+    def tensors(x: np.ndarray) -> torch.Tensor:
         # 4x average pooling (24x24 inputs) keeps this test fast; nuclei are still a few pixels wide.
         images = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255).sub(0.6).div(0.25)
         return F.avg_pool2d(images, 4)

@@ -37,8 +37,14 @@ from tests.runs import train_cmd as _train_cmd
 ENV_WANDB = {**ENV, "WANDB_MODE": "offline"}
 # A small, fast, deterministic setting on top of the shipped single-CPU test config.
 BASE = [
-    "loader.batch_size=16", "loader.eval_batch_size=32", "loader.num_workers=1", "loader.shuffle_buffer=64",
-    "train.epochs=2", "train.deterministic=true", "tracking.progress=false", "tracking.log_every_steps=2",
+    "loader.batch_size=16",
+    "loader.eval_batch_size=32",
+    "loader.num_workers=1",
+    "loader.shuffle_buffer=64",
+    "train.epochs=2",
+    "train.deterministic=true",
+    "tracking.progress=false",
+    "tracking.log_every_steps=2",
     "schedule.warmup_steps=3",
 ]
 
@@ -65,8 +71,13 @@ def test_every_shipped_config_loads():
 
 def test_config_mistakes_fail_before_any_data_is_read(tmp_path):
     out = subprocess.run(
-        train_cmd(tmp_path / "no-such-shards", tmp_path / "run", "optim.lr=-1", "model.name=resnet19", "train.epochs=x"),
-        capture_output=True, text=True, env=ENV, timeout=120,
+        train_cmd(
+            tmp_path / "no-such-shards", tmp_path / "run", "optim.lr=-1", "model.name=resnet19", "train.epochs=x"
+        ),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
     )
     assert out.returncode == 2
     for problem in ("optim.lr", "model.name", "resnet18", "train.epochs"):
@@ -81,8 +92,13 @@ def test_config_mistakes_fail_before_any_data_is_read(tmp_path):
 @pytest.fixture(scope="module")
 def reference_run(shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    out = subprocess.run(train_cmd(shards, run_dir, "tracking.wandb=true", "tracking.mode=offline"),
-                         capture_output=True, text=True, env=ENV_WANDB, timeout=600)
+    out = subprocess.run(
+        train_cmd(shards, run_dir, "tracking.wandb=true", "tracking.mode=offline"),
+        capture_output=True,
+        text=True,
+        env=ENV_WANDB,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
 
@@ -90,8 +106,17 @@ def reference_run(shards, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_cpu_test_config_trains_end_to_end_and_leaves_a_complete_run(reference_run):
     run = reference_run
-    for name in ("config.yaml", "provenance.json", "metrics.jsonl", "test/metrics.json", "test/predictions.csv",
-                 "checkpoints/best.pt", "test/roc.png", "test/confusion_matrix.png", "test/learning_curves.png"):
+    for name in (
+        "config.yaml",
+        "provenance.json",
+        "metrics.jsonl",
+        "test/metrics.json",
+        "test/predictions.csv",
+        "checkpoints/best.pt",
+        "test/roc.png",
+        "test/confusion_matrix.png",
+        "test/learning_curves.png",
+    ):
         assert (run / name).exists(), name
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["world_size"] == 1 and len(provenance["manifest_sha256"]) == 64
@@ -107,8 +132,12 @@ def test_cpu_test_config_trains_end_to_end_and_leaves_a_complete_run(reference_r
 def test_wandb_offline_run_holds_the_logged_metrics(reference_run):
     runs = list((reference_run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    out = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(runs[0])],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(runs[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)["summary"]
     last_train, last_valid = records(reference_run, "train")[-1], records(reference_run, "valid")[-1]
@@ -193,14 +222,33 @@ def run_driver(tmp_path: Path, shards: Path, processes: int, batch: int, steps: 
     out.mkdir(parents=True)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    args = [str(script), str(out), str(batch), str(steps), str(ROOT / "configs/cpu_test.yaml"), f"data.shards={shards}",
-            "tracking.wandb=false", "augment.where=device", "schedule.warmup_steps=2", "loader.num_workers=0",
-            "loader.eval_batch_size=16", *overrides]
+    args = [
+        str(script),
+        str(out),
+        str(batch),
+        str(steps),
+        str(ROOT / "configs/cpu_test.yaml"),
+        f"data.shards={shards}",
+        "tracking.wandb=false",
+        "augment.where=device",
+        "schedule.warmup_steps=2",
+        "loader.num_workers=0",
+        "loader.eval_batch_size=16",
+        *overrides,
+    ]
     if processes == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
-               "--main_process_port", "0", *args]
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            "0",
+            *args,
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "ACCELERATE_USE_CPU": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=True)
@@ -249,9 +297,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shard
         return loss * float("nan") if self.step >= 7 else loss
 
     monkeypatch.setattr(Trainer, "loss", poisoned)
-    cfg = load_experiment(ROOT / "configs/cpu_test.yaml",
-                          [f"data.shards={shards}", *BASE, "tracking.wandb=false", "loader.num_workers=0",
-                           "checkpoint.every_steps=2"])
+    cfg = load_experiment(
+        ROOT / "configs/cpu_test.yaml",
+        [f"data.shards={shards}", *BASE, "tracking.wandb=false", "loader.num_workers=0", "checkpoint.every_steps=2"],
+    )
     with pytest.raises(NonFiniteLossError, match=r"at optimizer step 8") as info:
         train(cfg, tmp_path / "run")
     assert isinstance(info.value, HistoDistError)

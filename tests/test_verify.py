@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.shard_data import member_offset, rewrite_shard
-from tests.source_data import cli, convert_args, write_pcam
 from histo_dist.cli import main
 from histo_dist.verify import verify_dataset
+from tests.shard_data import member_offset, rewrite_shard
+from tests.source_data import cli, convert_args, write_pcam
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,11 @@ def test_truncated_shard(dataset, capsys, cut):
         second_image = tar.getnames()[5]
     assert second_image.endswith(".npy")
     offset, size = member_offset(shard, second_image)
-    end = {"mid-member": offset + size // 2, "member-boundary": offset + (size + 511) // 512 * 512,
-           "mid-header": offset + (size + 511) // 512 * 512 + 100}[cut]
+    end = {
+        "mid-member": offset + size // 2,
+        "member-boundary": offset + (size + 511) // 512 * 512,
+        "mid-header": offset + (size + 511) // 512 * 512 + 100,
+    }[cut]
     shard.write_bytes(shard.read_bytes()[:end])
     problems = problems_of(dataset)
     named = [p for p in problems if "train-000001.tar" in p]

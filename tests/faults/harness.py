@@ -21,8 +21,14 @@ from tests.runs import train_cmd as _train_cmd
 SIZES = {"train": [64, 64, 64], "valid": [32, 32], "test": [32]}
 SHAPE = (32, 32, 3)
 BASE = [
-    "loader.batch_size=16", "loader.eval_batch_size=32", "loader.shuffle_buffer=64", "train.epochs=2",
-    "train.deterministic=true", "tracking.progress=false", "tracking.wandb=false", "schedule.warmup_steps=3",
+    "loader.batch_size=16",
+    "loader.eval_batch_size=32",
+    "loader.shuffle_buffer=64",
+    "train.epochs=2",
+    "train.deterministic=true",
+    "tracking.progress=false",
+    "tracking.wandb=false",
+    "schedule.warmup_steps=3",
 ]
 # The settings of the faulted runs and of their uninterrupted references (the same command).
 ONE_RANK = ["loader.num_workers=1", "tracking.log_every_steps=2"]
@@ -79,7 +85,9 @@ def no_traceback(stderr: str) -> None:
 def limit_file_size(limit: int):
     """preexec_fn: files the process writes may not grow past `limit` bytes. As on a full disk, the
     write fails (EFBIG); SIGXFSZ, which would kill the process instead, is ignored."""
+
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply

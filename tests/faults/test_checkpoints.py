@@ -17,7 +17,7 @@ import subprocess
 import pytest
 import torch
 
-from histo_dist.checkpoint import CheckpointConfig, CheckpointError, Checkpointer, load_checkpoint
+from histo_dist.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, load_checkpoint
 from histo_dist.files import sha256_file
 from tests.faults.harness import ONE_RANK, limit_file_size, no_traceback, train_cmd
 from tests.runs import ENV, assert_same_run, checkpointer, run
@@ -38,8 +38,9 @@ DAMAGE = {
     "truncated to half": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
     "truncated by one byte": lambda p: p.write_bytes(p.read_bytes()[:-1]),
     "emptied": lambda p: p.write_bytes(b""),
-    "one byte flipped": lambda p: p.write_bytes(bytes(b ^ 0xFF if i == p.stat().st_size // 3 else b
-                                                     for i, b in enumerate(p.read_bytes()))),
+    "one byte flipped": lambda p: p.write_bytes(
+        bytes(b ^ 0xFF if i == p.stat().st_size // 3 else b for i, b in enumerate(p.read_bytes()))
+    ),
     "checksum file missing (cut short while written)": lambda p: p.with_suffix(".pt.sha256").unlink(),
     "checksum file empty": lambda p: p.with_suffix(".pt.sha256").write_text(""),
 }
@@ -77,7 +78,7 @@ def test_resume_auto_skips_a_truncated_checkpoint_and_ends_bitwise_equal(shards,
     for name in ("metrics.jsonl", "test/metrics.json"):
         (run_dir / name).unlink()
     newest = checkpointer(run_dir).newest_valid()  # step 24, the end of the run
-    newest.write_bytes(newest.read_bytes()[: 4096])
+    newest.write_bytes(newest.read_bytes()[:4096])
     out = run(train_cmd(shards, run_dir, *ONE_RANK))
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"skipping checkpoint {newest}: checksum mismatch" in out.stderr
@@ -96,12 +97,20 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(s
     folder = run_dir / "checkpoints"
     before = {p.name: sha256_file(p) for p in folder.iterdir()}
     # The finished run, continued for a third epoch: its checkpoint (17 MB) does not fit under 1 MB.
-    out = subprocess.run(train_cmd(shards, run_dir, *ONE_RANK, "train.epochs=3"), capture_output=True, text=True,
-                         env=ENV, timeout=300, preexec_fn=limit_file_size(1 << 20))
+    out = subprocess.run(
+        train_cmd(shards, run_dir, *ONE_RANK, "train.epochs=3"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        preexec_fn=limit_file_size(1 << 20),
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "resumed from" in out.stderr
-    assert f"error: {folder / 'step-00000036.pt'}: cannot write checkpoint (File too large); " \
-           "the previous checkpoints are untouched" in out.stderr
+    assert (
+        f"error: {folder / 'step-00000036.pt'}: cannot write checkpoint (File too large); "
+        "the previous checkpoints are untouched" in out.stderr
+    )
     no_traceback(out.stderr)
     assert {p.name: sha256_file(p) for p in folder.iterdir()} == before  # no partial or temp file either
     for step in (12, 24):
@@ -117,6 +126,7 @@ def test_disk_full_on_the_checksum_or_best_copy_never_leaves_a_valid_looking_par
     ckpt = small_checkpoints(tmp_path, steps=(2,))
     real = ck._write
     for fail_on in (".pt.sha256", "best.pt"):
+
         def failing(path, write, fail_on=fail_on):
             if path.name.endswith(fail_on):
                 raise OSError(28, "No space left on device")
@@ -183,8 +193,17 @@ def test_resume_auto_never_runs_code_from_a_checkpoint(shards, tmp_path, keep_si
     (run_dir / "checkpoints").mkdir(parents=True)
     evil = run_dir / "checkpoints/step-00000099.pt"
     malicious_checkpoint(evil, marker)
-    cfg = load_experiment(None, [f"data.shards={shards}", "loader.batch_size=16", "loader.num_workers=0",
-                                 "tracking.wandb=false", "tracking.progress=false", "model.name=simple_cnn"])
+    cfg = load_experiment(
+        None,
+        [
+            f"data.shards={shards}",
+            "loader.batch_size=16",
+            "loader.num_workers=0",
+            "tracking.wandb=false",
+            "tracking.progress=false",
+            "model.name=simple_cnn",
+        ],
+    )
     with pytest.raises(CheckpointError, match=str(evil)):
         train(cfg, run_dir)
     assert not marker.exists()

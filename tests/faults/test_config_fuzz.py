@@ -40,11 +40,14 @@ SECTIONS = sorted({path.split(".")[0] for path in LEAVES})
 NUMERIC = sorted(p for p, tp in LEAVES.items() if tp in (int, float))
 # Out of range for every numeric setting: negative numbers, NaN, -inf and +inf.
 
-plain = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                  st.text(max_size=12))
-anything = st.recursive(plain, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                        max_leaves=6)
+plain = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+)
+anything = st.recursive(
+    plain,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=6,
+)
 
 
 def nested(path: str, value) -> dict:
@@ -54,11 +57,17 @@ def nested(path: str, value) -> dict:
 
 def wrong_type(tp) -> st.SearchStrategy:
     """Values that are not of type `tp` (as YAML would give them)."""
-    containers = st.one_of(st.lists(plain, min_size=1, max_size=3), st.dictionaries(st.text(max_size=5), plain,
-                                                                                      min_size=1, max_size=2))
+    containers = st.one_of(
+        st.lists(plain, min_size=1, max_size=3), st.dictionaries(st.text(max_size=5), plain, min_size=1, max_size=2)
+    )
     if tp is int:
-        return st.one_of(st.text(), st.booleans(), st.none(), containers,
-                         st.floats().filter(lambda x: not (math.isfinite(x) and x == int(x))))
+        return st.one_of(
+            st.text(),
+            st.booleans(),
+            st.none(),
+            containers,
+            st.floats().filter(lambda x: not (math.isfinite(x) and x == int(x))),
+        )
     if tp is float:
         return st.one_of(st.text(), st.booleans(), st.none(), containers)
     if tp is bool:
@@ -74,9 +83,13 @@ def wrong_type(tp) -> st.SearchStrategy:
         return st.one_of(numbers, st.booleans(), containers, st.nothing() if type(None) in args else st.none())
     if typing.get_origin(tp) is tuple:  # tuple[float, ...] of a fixed length
         n = len(typing.get_args(tp))
-        return st.one_of(st.text(), st.floats(), st.none(),
-                         st.lists(st.floats(allow_nan=False), max_size=5).filter(lambda v: len(v) != n),
-                         st.lists(st.text(min_size=1), min_size=n, max_size=n))
+        return st.one_of(
+            st.text(),
+            st.floats(),
+            st.none(),
+            st.lists(st.floats(allow_nan=False), max_size=5).filter(lambda v: len(v) != n),
+            st.lists(st.text(min_size=1), min_size=n, max_size=n),
+        )
     raise AssertionError(f"no wrong-type strategy for {tp}")
 
 
@@ -139,10 +152,14 @@ def test_out_of_range_items_of_tuples_are_named(path):
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(SECTIONS + ["extra"]),
-                       st.dictionaries(st.sampled_from(sorted({p.split(".")[1] for p in LEAVES}) + ["x"]), anything,
-                                       max_size=4) | anything,
-                       max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(SECTIONS + ["extra"]),
+        st.dictionaries(st.sampled_from(sorted({p.split(".")[1] for p in LEAVES}) + ["x"]), anything, max_size=4)
+        | anything,
+        max_size=4,
+    )
+)
 def test_any_data_is_a_config_or_a_config_error(data):
     try:
         cfg = from_dict(ExperimentConfig, data)
@@ -173,12 +190,34 @@ def test_negative_seed_is_a_config_error_not_a_crash_in_the_loader():
 
 @pytest.mark.slow
 def test_bad_overrides_through_the_cli_exit_2_naming_every_problem(tmp_path):
-    bad = {"train.epochs": "abc", "loader.batch_sise": "3", "optim.lr": "-1", "schedule.warmup_steps": "-2",
-           "augment.mean": "[1,2]", "train.mixed_precision": "fp8", "loss.pos_weight": ".nan",
-           "checkpoint.keep_last": "0", "tracking": "5"}
-    out = subprocess.run([sys.executable, "-m", "histo_dist", "train", "--config", str(ROOT / "configs/cpu_test.yaml"),
-                          "--run-dir", str(tmp_path / "run"), *(f"{k}={v}" for k, v in bad.items())],
-                         capture_output=True, text=True, env=ENV, timeout=120)
+    bad = {
+        "train.epochs": "abc",
+        "loader.batch_sise": "3",
+        "optim.lr": "-1",
+        "schedule.warmup_steps": "-2",
+        "augment.mean": "[1,2]",
+        "train.mixed_precision": "fp8",
+        "loss.pos_weight": ".nan",
+        "checkpoint.keep_last": "0",
+        "tracking": "5",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histo_dist",
+            "train",
+            "--config",
+            str(ROOT / "configs/cpu_test.yaml"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            *(f"{k}={v}" for k, v in bad.items()),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     no_traceback(out.stderr)
     assert f"{len(bad)} problem(s)" in out.stderr, out.stderr
@@ -187,14 +226,17 @@ def test_bad_overrides_through_the_cli_exit_2_naming_every_problem(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv,says", [
-    (["optim.lr"], "an override is dotted.key=value"),
-    (["=3"], "an override is dotted.key=value"),
-    (["optim.lr=0.1", "optim.lr.x=2"], "conflicts with an earlier override"),
-    (["--config", "{yaml}"], "not valid YAML"),
-    (["--config", "{list}"], "top level must be a mapping"),
-    (["--config", "{missing}"], "config file not found"),
-])
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        (["optim.lr"], "an override is dotted.key=value"),
+        (["=3"], "an override is dotted.key=value"),
+        (["optim.lr=0.1", "optim.lr.x=2"], "conflicts with an earlier override"),
+        (["--config", "{yaml}"], "not valid YAML"),
+        (["--config", "{list}"], "top level must be a mapping"),
+        (["--config", "{missing}"], "config file not found"),
+    ],
+)
 def test_bad_config_files_and_override_syntax_exit_2(tmp_path, capsys, argv, says):
     from tests.source_data import cli
 

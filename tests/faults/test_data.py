@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from histo_dist.files import sha256_file
 from histo_dist.loader import LoaderConfig, ShardLoader
 from histo_dist.manifest import Manifest, sample_key
 from histo_dist.shards import ShardError, write_shard
 from histo_dist.verify import verify_dataset
-from histo_dist.files import sha256_file
 from tests.faults.harness import SHAPE, SIZES, limit_file_size, no_traceback, train_cmd
 from tests.runs import ENV, run
 from tests.shard_data import encoded_image, label_of, make_dataset, member_offset, rewrite_shard
@@ -56,10 +56,21 @@ DAMAGE = {
     # name: (damage, what the loader says, whether the loader can name the key)
     "truncated tar": (lambda p: truncate_at(p, KEY), "truncated", False),
     "flipped bytes in an image header": (lambda p: flip(p, f"{KEY}.npy", 0, 6), "cannot decode", True),
-    "undecodable image": (lambda p: rewrite_shard(p, lambda n, d: b"\x93NUMPY garbage" if n == f"{KEY}.npy" else d),
-                          "cannot decode", True),
-    "missing label": (lambda p: rewrite_shard(p, lambda n, d: None if n == f"{KEY}.cls" else d), r"no label \(.cls\)", True),
-    "label out of range": (lambda p: rewrite_shard(p, lambda n, d: b"7" if n == f"{KEY}.cls" else d), "label 7 outside", True),
+    "undecodable image": (
+        lambda p: rewrite_shard(p, lambda n, d: b"\x93NUMPY garbage" if n == f"{KEY}.npy" else d),
+        "cannot decode",
+        True,
+    ),
+    "missing label": (
+        lambda p: rewrite_shard(p, lambda n, d: None if n == f"{KEY}.cls" else d),
+        r"no label \(.cls\)",
+        True,
+    ),
+    "label out of range": (
+        lambda p: rewrite_shard(p, lambda n, d: b"7" if n == f"{KEY}.cls" else d),
+        "label 7 outside",
+        True,
+    ),
 }
 
 
@@ -99,8 +110,9 @@ def test_flipped_pixel_bytes_only_the_checksum_can_tell(shards, tmp_path):
     problems = verify_dataset(root)[1]
     assert len(problems) == 1 and SHARD in problems[0] and "sha256 differs" in problems[0]
     # The loader does not hash shards as it streams them: it reads the changed pixel (run verify).
-    batches = list(ShardLoader(Manifest.load(root), "train", LoaderConfig(eval_batch_size=64, num_workers=0),
-                               training=False))
+    batches = list(
+        ShardLoader(Manifest.load(root), "train", LoaderConfig(eval_batch_size=64, num_workers=0), training=False)
+    )
     assert sum(len(b["key"]) for b in batches) == 192
 
 
@@ -153,18 +165,30 @@ def test_skipping_keeps_equal_full_length_epochs_and_counts_every_skipped_sample
 
 
 @pytest.mark.slow
-def test_training_with_skip_corrupt_counts_logs_and_reports_skipped_samples(shards, tmp_path, caplog,
-                                                                           keep_signal_handlers):
+def test_training_with_skip_corrupt_counts_logs_and_reports_skipped_samples(
+    shards, tmp_path, caplog, keep_signal_handlers
+):
     from histo_dist.experiment import load_experiment
     from histo_dist.train import train
 
     root = copy_of(shards, tmp_path)
     lost = damaged_for_skipping(root)
     run_dir = tmp_path / "run"
-    cfg = load_experiment(Path(__file__).parents[2] / "configs/cpu_test.yaml", [
-        f"data.shards={root}", "loader.batch_size=16", "loader.eval_batch_size=32", "loader.num_workers=0",
-        "loader.shuffle_buffer=0", "loader.skip_corrupt=true", "train.epochs=2", "tracking.log_every_steps=2",
-        "tracking.progress=false", "tracking.wandb=false"])
+    cfg = load_experiment(
+        Path(__file__).parents[2] / "configs/cpu_test.yaml",
+        [
+            f"data.shards={root}",
+            "loader.batch_size=16",
+            "loader.eval_batch_size=32",
+            "loader.num_workers=0",
+            "loader.shuffle_buffer=0",
+            "loader.skip_corrupt=true",
+            "train.epochs=2",
+            "tracking.log_every_steps=2",
+            "tracking.progress=false",
+            "tracking.wandb=false",
+        ],
+    )
     with caplog.at_level(logging.WARNING):
         results = train(cfg, run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -181,7 +205,9 @@ def test_training_with_skip_corrupt_counts_logs_and_reports_skipped_samples(shar
     assert f"{root / 'train-000001.tar'}: sample {KEY!r}: cannot decode" in text
     assert f"{root / 'train-000001.tar'}: sample {sample_key('train', 70)!r}: no label" in text
     assert f"{root / 'train-000002.tar'}: ends after 32 samples" in text
-    assert f"corrupt samples skipped (loader.skip_corrupt): {2 * lost['train']} in training, 1 in the test split" in text
+    assert (
+        f"corrupt samples skipped (loader.skip_corrupt): {2 * lost['train']} in training, 1 in the test split" in text
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,42 +216,63 @@ def test_training_with_skip_corrupt_counts_logs_and_reports_skipped_samples(shar
 
 def shard_of(root: Path, name: str, split: str, indices, shape=SHAPE, learnable=True) -> None:
     idx = list(indices)
-    write_shard(root / name, [sample_key(split, j) for j in idx],
-                np.stack([encoded_image(j, shape, learnable) for j in idx]), np.array([label_of(j) for j in idx]),
-                [{"index": j} for j in idx], "npy", 2)
+    write_shard(
+        root / name,
+        [sample_key(split, j) for j in idx],
+        np.stack([encoded_image(j, shape, learnable) for j in idx]),
+        np.array([label_of(j) for j in idx]),
+        [{"index": j} for j in idx],
+        "npy",
+        2,
+    )
 
 
 MISMATCH = {
     # name: (change, loader error (None: it cannot tell), an error even with skip_corrupt, a problem verify reports)
     "shard of another split under this name": (
         lambda r: shutil.copy(r / "test-000000.tar", r / "valid-000001.tar"),  # 32 samples, as listed
-        r"valid-000001.tar: sample 'test_000000000' is not of split 'valid'", True,
-        r"valid-000001.tar: 32 sample\(s\) not of split 'valid' \(first: 'test_000000000'\)"),
+        r"valid-000001.tar: sample 'test_000000000' is not of split 'valid'",
+        True,
+        r"valid-000001.tar: 32 sample\(s\) not of split 'valid' \(first: 'test_000000000'\)",
+    ),
     "shard holding more samples than listed": (
         lambda r: shard_of(r, "valid-000001.tar", "valid", range(32, 70)),
-        r"valid-000001.tar: holds more samples than the manifest's 32", True,
-        r"valid-000001.tar: 38 samples, manifest says 32"),
+        r"valid-000001.tar: holds more samples than the manifest's 32",
+        True,
+        r"valid-000001.tar: 38 samples, manifest says 32",
+    ),
     "shard holding fewer samples than listed": (
         lambda r: shard_of(r, "valid-000001.tar", "valid", range(32, 60)),
-        r"valid-000001.tar: ends after 28 samples, the manifest says 32", True,
-        r"valid-000001.tar: 28 samples, manifest says 32"),
+        r"valid-000001.tar: ends after 28 samples, the manifest says 32",
+        True,
+        r"valid-000001.tar: 28 samples, manifest says 32",
+    ),
     "manifest of another conversion": (
         lambda r: make_dataset(r / "other", {**SIZES, "valid": [40, 24]}, shape=SHAPE).save(r),
-        r"valid-000000.tar: ends after 32 samples, the manifest says 40", True,
-        r"valid-000000.tar: 32 samples, manifest says 40"),
+        r"valid-000000.tar: ends after 32 samples, the manifest says 40",
+        True,
+        r"valid-000000.tar: 32 samples, manifest says 40",
+    ),
     "shard of a conversion with another image size": (  # undecodable as this dataset: skipped if asked to
         lambda r: shard_of(r, "valid-000001.tar", "valid", range(32, 64), shape=(16, 16, 3)),
-        r"valid-000001.tar: sample 'valid_000000032': cannot decode \(image is uint8 \(16, 16, 3\)", False,
-        r"valid-000001.tar: sample 'valid_000000032': cannot decode"),
+        r"valid-000001.tar: sample 'valid_000000032': cannot decode \(image is uint8 \(16, 16, 3\)",
+        False,
+        r"valid-000001.tar: sample 'valid_000000032': cannot decode",
+    ),
     # Same split, keys, count and shape, other pixels: only the checksum can tell (the loader does
     # not hash what it streams; `histo-dist verify` does).
     "shard of a conversion of other data": (
         lambda r: shard_of(r, "valid-000001.tar", "valid", range(32, 64), learnable=False),
-        None, False, r"valid-000001.tar: sha256 differs from the manifest"),
+        None,
+        False,
+        r"valid-000001.tar: sha256 differs from the manifest",
+    ),
     "stray tar of another conversion in the folder": (
         lambda r: shutil.copy(r / "valid-000000.tar", r / "valid-000007.tar"),
-        None, False,  # the loader reads the shards the manifest lists, nothing else
-        r"valid-000007.tar: a shard the manifest does not list \(from another conversion\?\)"),
+        None,
+        False,  # the loader reads the shards the manifest lists, nothing else
+        r"valid-000007.tar: a shard the manifest does not list \(from another conversion\?\)",
+    ),
 }
 
 
@@ -258,8 +305,14 @@ def test_disk_full_while_writing_a_shard_is_a_clear_error_and_keeps_the_complete
     assert cli(capsys, *args, "--part", "0/2")[0] == 0  # an earlier run wrote shards 0, 2, 4 of the plan
     kept = {p.name: sha256_file(p) for p in out.glob("*.tar")}
     assert sorted(kept) == ["test-000000.tar", "train-000000.tar", "train-000002.tar"]
-    done = subprocess.run([sys.executable, "-m", "histo_dist", *args], capture_output=True, text=True, env=ENV,
-                          timeout=120, preexec_fn=limit_file_size(100_000))
+    done = subprocess.run(
+        [sys.executable, "-m", "histo_dist", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        preexec_fn=limit_file_size(100_000),
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"histo-dist convert: error: {out / 'train-000001.tar'}: cannot write shard (File too large)" in done.stderr
     no_traceback(done.stderr)

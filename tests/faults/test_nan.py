@@ -1,7 +1,8 @@
 """A loss that becomes NaN, in a real `histo-dist train` process: the run stops with exit 2 and an
 error naming the step and the last good checkpoint, which is intact and finite; no traceback.
 
-The same in-process (the error type, its step) is tests/test_train.py::test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint.
+The same in-process (the error type, its step) is
+tests/test_train.py::test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
     no_traceback(out.stderr)
     last = checkpointer(run_dir).newest_valid()
     assert last is not None and last.name == "step-00000006.pt"
-    assert f"histo-dist train: error: loss is nan at optimizer step 8: stopping. Last good checkpoint: {last}" in out.stderr
+    assert (
+        f"histo-dist train: error: loss is nan at optimizer step 8: stopping. Last good checkpoint: {last}"
+        in out.stderr
+    )
     state = load_checkpoint(last)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (run_dir / "checkpoints/step-00000008.pt").exists()

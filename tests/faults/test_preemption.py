@@ -81,8 +81,12 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_at_the_same_step(shards, tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     stderr = proc.stderr.read()
-    stops = re.findall(r"\[rank (\d)/2\] WARNING histo_dist.train: preempted \((.*?)\): checkpoint at step (\d+)", stderr)
-    assert sorted(stops) == sorted([("0", "signal on another rank", stops[0][2]), ("1", "SIGUSR1", stops[0][2])]), stderr[-3000:]
+    stops = re.findall(
+        r"\[rank (\d)/2\] WARNING histo_dist.train: preempted \((.*?)\): checkpoint at step (\d+)", stderr
+    )
+    assert sorted(stops) == sorted([("0", "signal on another rank", stops[0][2]), ("1", "SIGUSR1", stops[0][2])]), (
+        stderr[-3000:]
+    )
     # Both ranks exited 75; torchrun reports them (and exits 1 itself: launch/train.sh turns that back into 75).
     exited_75 = {int(pid) for pid in re.findall(r"exitcode\s*:\s*75 \(pid: (\d+)\)", stderr)}
     assert exited_75 == set(pids.values()), stderr[-3000:]
@@ -92,8 +96,9 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_at_the_same_step(shards, tmp_pat
 
 
 @pytest.mark.slow
-def test_preemption_at_a_validation_step_resumes_with_that_validation(shards, tmp_path, monkeypatch,
-                                                                       keep_signal_handlers):
+def test_preemption_at_a_validation_step_resumes_with_that_validation(
+    shards, tmp_path, monkeypatch, keep_signal_handlers
+):
     """The signal lands on a step that validates (here the epoch's last): the validation still runs
     before the checkpoint, so the resumed run logs the same validations and picks the same best
     checkpoint as an uninterrupted one. (Checking the signal before validating lost that validation:
@@ -130,6 +135,9 @@ def test_preemption_at_a_validation_step_resumes_with_that_validation(shards, tm
     assert signalled == [at] and valid_steps(run_dir) == [at]  # validated before the checkpoint and exit
     got = train(config(), run_dir)  # resumes from the checkpoint at `at`
     assert valid_steps(run_dir) == valid_steps(reference)
-    assert load_checkpoint(run_dir / "checkpoints/best.pt")["step"] == load_checkpoint(reference / "checkpoints/best.pt")["step"]
+    assert (
+        load_checkpoint(run_dir / "checkpoints/best.pt")["step"]
+        == load_checkpoint(reference / "checkpoints/best.pt")["step"]
+    )
     assert got.pop("checkpoint") != expected.pop("checkpoint")  # each run's own best.pt ...
     assert got == expected  # ... with the same test results

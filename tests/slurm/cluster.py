@@ -45,7 +45,10 @@ def ensure_installed(install: bool = True) -> None:
     if shutil.which("apt-get") is None:
         raise ClusterUnavailable(f"not installed ({', '.join(missing)}) and no apt-get to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+    ):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         except subprocess.TimeoutExpired:
@@ -119,7 +122,9 @@ class Cluster:
         self.conf = self.root / "etc" / "slurm.conf"
         self.pids_file = self.root / "run" / "pids.json"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        for key in [k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+        for key in [
+            k for k in self.env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"
+        ]:
             del self.env[key]  # a test run inside a SLURM job must not leak that job into ours
 
     # -- start / stop ----------------------------------------------------------------------------
@@ -134,24 +139,43 @@ class Cluster:
         self._check([which("mungekey"), "--create", f"--keyfile={key}", "--force"])
         key.chmod(0o600)
         hostname = socket.gethostname().split(".")[0]
-        nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={hostname} Port={free_port()} CPUs={self.cpus} "
-                          "RealMemory=1000 State=UNKNOWN" for n in self.nodes)
-        self.conf.write_text(SLURM_CONF.format(root=self.root, ctld_port=free_port(), slurmd_port=free_port(), nodes=nodes))
+        nodes = "\n".join(
+            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={hostname} Port={free_port()} CPUs={self.cpus} "
+            "RealMemory=1000 State=UNKNOWN"
+            for n in self.nodes
+        )
+        self.conf.write_text(
+            SLURM_CONF.format(root=self.root, ctld_port=free_port(), slurmd_port=free_port(), nodes=nodes)
+        )
         for n in self.nodes:
             (self.root / "spool" / n).mkdir(parents=True, exist_ok=True)
         pids: dict[str, int] = {}
         try:
-            pids["munged"] = self._spawn("munged", [
-                which("munged"), "--foreground", "--force", f"--socket={munge}/munge.socket.2", f"--key-file={key}",
-                f"--log-file={self.root}/log/munged.log", f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed",
-            ])
+            pids["munged"] = self._spawn(
+                "munged",
+                [
+                    which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--socket={munge}/munge.socket.2",
+                    f"--key-file={key}",
+                    f"--log-file={self.root}/log/munged.log",
+                    f"--pid-file={munge}/munged.pid",
+                    f"--seed-file={munge}/munged.seed",
+                ],
+            )
             self._wait(lambda: (munge / "munge.socket.2").exists(), 10, "munged did not create its socket")
             pids["slurmctld"] = self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-            self._wait(lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]), timeout,
-                       "slurmctld did not answer `scontrol ping`")
+            self._wait(
+                lambda: self._ok(["scontrol", "ping"]) and "UP" in self._out(["scontrol", "ping"]),
+                timeout,
+                "slurmctld did not answer `scontrol ping`",
+            )
             for n in self.nodes:
                 pids[f"slurmd-{n}"] = self._spawn(f"slurmd-{n}", [which("slurmd"), "-D", "-N", n, "-f", str(self.conf)])
-            self._wait(lambda: self.node_states() == ["idle"] * len(self.nodes), timeout, "the nodes did not become idle")
+            self._wait(
+                lambda: self.node_states() == ["idle"] * len(self.nodes), timeout, "the nodes did not become idle"
+            )
         except BaseException:
             self.pids_file.write_text(json.dumps(pids))
             self.stop()
@@ -180,8 +204,9 @@ class Cluster:
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
         log = open(self.root / "log" / f"{name}.stdout", "ab")
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True)  # setsid: not in our process group, not signalled with it
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )  # setsid: not in our process group, not signalled with it
         log.close()
         _CHILDREN[proc.pid] = proc
         time.sleep(0.2)
@@ -193,12 +218,17 @@ class Cluster:
         deadline = time.time() + timeout
         while not predicate():
             if time.time() > deadline:
-                raise ClusterUnavailable(f"{what} within {timeout:.0f} s; logs: {self.log_tail('slurmctld')} {self.log_tail('slurmd-' + self.nodes[0])}")
+                raise ClusterUnavailable(
+                    f"{what} within {timeout:.0f} s; logs: {self.log_tail('slurmctld')} "
+                    f"{self.log_tail('slurmd-' + self.nodes[0])}"
+                )
             time.sleep(0.2)
 
     # -- client calls ----------------------------------------------------------------------------
     def run(self, cmd: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **kw.pop("env", {})}, timeout=timeout, **kw)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env={**self.env, **kw.pop("env", {})}, timeout=timeout, **kw
+        )
         if check and out.returncode != 0:
             raise RuntimeError(f"`{' '.join(map(str, cmd))}` exited {out.returncode}: {out.stderr.strip()}")
         return out
@@ -242,17 +272,31 @@ class Cluster:
         out = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False).stdout
         return [dict(t.split("=", 1) for t in line.split() if "=" in t) for line in out.splitlines() if line.strip()]
 
-    def wait_for(self, job_id: int, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                                                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"),
-                 timeout: float = 300) -> dict[str, str]:
+    def wait_for(
+        self,
+        job_id: int,
+        states: tuple[str, ...] = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+        ),
+        timeout: float = 300,
+    ) -> dict[str, str]:
         deadline = time.time() + timeout
         while True:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
             if time.time() > deadline:
-                raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f} s: {info.get('JobState')} "
-                                   f"{info.get('Reason')}; slurmctld: {self.log_tail('slurmctld', 1500)}")
+                raise TimeoutError(
+                    f"job {job_id} not in {states} after {timeout:.0f} s: {info.get('JobState')} "
+                    f"{info.get('Reason')}; slurmctld: {self.log_tail('slurmctld', 1500)}"
+                )
             time.sleep(0.5)
 
     def jobcomp(self) -> list[dict[str, str]]:

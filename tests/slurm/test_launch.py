@@ -17,8 +17,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "train.sh"
-CLEAN = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "HISTO_DIST_", "CUDA_VISIBLE_DEVICES", "PET_", "TORCHELASTIC_", "ACCELERATE_"))}
+CLEAN = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("SLURM_", "HISTO_DIST_", "CUDA_VISIBLE_DEVICES", "PET_", "TORCHELASTIC_", "ACCELERATE_"))
+}
 
 
 def dry_run(env: dict[str, str], *args: str) -> tuple[list[str], str]:
@@ -45,16 +48,23 @@ def test_cpu_ranks_use_gloo_config_and_a_free_port():
     cmd, err = dry_run({"HISTO_DIST_CPU": "1", "HISTO_DIST_NPROC": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "a=b")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert option(cmd, "--config_file").endswith("launch/accelerate/cpu_multi.yaml")
-    assert (option(cmd, "--num_processes"), option(cmd, "--num_machines"), option(cmd, "--main_process_port")) == ("2", "1", "0")
+    assert (option(cmd, "--num_processes"), option(cmd, "--num_machines"), option(cmd, "--main_process_port")) == (
+        "2",
+        "1",
+        "0",
+    )
     assert cmd[-4:] == ["-m", "histo_dist", "train", "a=b"]
     assert "cpu, 2 process(es) x 1 machine(s)" in err
 
 
-@pytest.mark.parametrize("env, gpus", [
-    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "4"),
-    ({"CUDA_VISIBLE_DEVICES": "GPU-aaaa,GPU-bbbb"}, "2"),  # UUIDs, as SLURM may set them
-    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "HISTO_DIST_NPROC": "2"}, "2"),
-])
+@pytest.mark.parametrize(
+    "env, gpus",
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "4"),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-aaaa,GPU-bbbb"}, "2"),  # UUIDs, as SLURM may set them
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3", "HISTO_DIST_NPROC": "2"}, "2"),
+    ],
+)
 def test_one_node_uses_one_process_per_visible_gpu(env, gpus):
     cmd, _ = dry_run(env)
     assert option(cmd, "--config_file").endswith("launch/accelerate/gpu_1node.yaml")
@@ -62,8 +72,14 @@ def test_one_node_uses_one_process_per_visible_gpu(env, gpus):
 
 
 def test_srun_step_over_nodes_reads_node_rank_and_head_on_each_node():
-    step = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
-            "CUDA_VISIBLE_DEVICES": "0,1", "HISTO_DIST_HEAD": "10.0.0.7"}
+    step = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NNODES": "3",
+        "SLURM_NODEID": "2",
+        "CUDA_VISIBLE_DEVICES": "0,1",
+        "HISTO_DIST_HEAD": "10.0.0.7",
+    }
     cmd, _ = dry_run(step, "--run-dir", "runs/x")
     assert option(cmd, "--config_file").endswith("launch/accelerate/multinode.yaml")
     assert option(cmd, "--num_machines") == "3"
@@ -127,11 +143,29 @@ def test_parts_written_at_once_then_the_manifest_equal_one_conversion(tmp_path):
 
     source = tmp_path / "pcam"
     write_pcam(source, {"train": 90, "valid": 30, "test": 30}, gz=True)
-    exe = [sys.executable, "-m", "histo_dist", "convert", "--input", str(source), "--no-progress",
-           "--workers", "1", "--samples-per-shard", "16"]
+    exe = [
+        sys.executable,
+        "-m",
+        "histo_dist",
+        "convert",
+        "--input",
+        str(source),
+        "--no-progress",
+        "--workers",
+        "1",
+        "--samples-per-shard",
+        "16",
+    ]
     parts = tmp_path / "parts"
-    procs = [subprocess.Popen([*exe, "--output", str(parts), "--part", f"{i}/3"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [*exe, "--output", str(parts), "--part", f"{i}/3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -146,12 +180,33 @@ def test_parts_written_at_once_then_the_manifest_equal_one_conversion(tmp_path):
     assert sorted(p.name for p in parts.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
 
 
-@pytest.mark.parametrize("part, problem", [
-    ("3/3", "must be 'i/n'"), ("1", "must be 'i/n'"), ("-1/2", "must be 'i/n'"), ("0/2 --overwrite", "overwrite"),
-])
+@pytest.mark.parametrize(
+    "part, problem",
+    [
+        ("3/3", "must be 'i/n'"),
+        ("1", "must be 'i/n'"),
+        ("-1/2", "must be 'i/n'"),
+        ("0/2 --overwrite", "overwrite"),
+    ],
+)
 def test_bad_parts_are_refused_before_anything_is_written(tmp_path, part, problem):
     value, *extra = part.split()
-    out = subprocess.run([sys.executable, "-m", "histo_dist", "convert", "--input", str(tmp_path), "--output",
-                          str(tmp_path / "out"), f"--part={value}", *extra], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histo_dist",
+            "convert",
+            "--input",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "out"),
+            f"--part={value}",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and problem in out.stderr, out.stderr
     assert not (tmp_path / "out").exists()

@@ -19,7 +19,6 @@ Select with `-m slurm`, leave out with `-m "not slurm"`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -38,8 +37,14 @@ JOB_ENV = {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "VENV": str(Path(sys.
 
 # The same small, deterministic run for every training job (3 epochs x 15 steps of 2 x 8 samples).
 OVERRIDES = [
-    "loader.batch_size=8", "loader.eval_batch_size=32", "loader.num_workers=1", "loader.shuffle_buffer=64",
-    "train.epochs=3", "train.deterministic=true", "tracking.progress=false", "tracking.log_every_steps=1",
+    "loader.batch_size=8",
+    "loader.eval_batch_size=32",
+    "loader.num_workers=1",
+    "loader.shuffle_buffer=64",
+    "train.epochs=3",
+    "train.deterministic=true",
+    "tracking.progress=false",
+    "tracking.log_every_steps=1",
     "schedule.warmup_steps=3",
 ]
 TOTAL_STEPS = 45
@@ -64,14 +69,27 @@ def shards(tmp_path_factory) -> Path:
     return make_train_shards(tmp_path_factory.mktemp("slurm-shards"))
 
 
-def submit_training(cluster: Cluster, script: str, submit_dir: Path, shards: Path, resources: list[str],
-                    nproc: int, *overrides: str) -> int:
+def submit_training(
+    cluster: Cluster, script: str, submit_dir: Path, shards: Path, resources: list[str], nproc: int, *overrides: str
+) -> int:
     """sbatch the script from the checkout as it is: partition, resources and CPU mode from the command line."""
     submit_dir.mkdir(parents=True, exist_ok=True)
     export = f"ALL,CONFIG=configs/cpu_test.yaml,DATA={shards},HISTO_DIST_CPU=1,HISTO_DIST_NPROC={nproc}"
-    return cluster.sbatch(["--partition=debug", "--gpus-per-node=0", "--mem=0", "--time=15", *resources,
-                           f"--export={export}", ROOT / "slurm" / script, *OVERRIDES, *overrides],
-                          cwd=submit_dir, env=JOB_ENV)
+    return cluster.sbatch(
+        [
+            "--partition=debug",
+            "--gpus-per-node=0",
+            "--mem=0",
+            "--time=15",
+            *resources,
+            f"--export={export}",
+            ROOT / "slurm" / script,
+            *OVERRIDES,
+            *overrides,
+        ],
+        cwd=submit_dir,
+        env=JOB_ENV,
+    )
 
 
 def job_log(submit_dir: Path) -> str:
@@ -94,8 +112,15 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def wait_until(predicate, what: str, timeout: float = 120, poll: float = 0.2, cluster: Cluster | None = None,
-               job: int | None = None, submit_dir: Path | None = None) -> None:
+def wait_until(
+    predicate,
+    what: str,
+    timeout: float = 120,
+    poll: float = 0.2,
+    cluster: Cluster | None = None,
+    job: int | None = None,
+    submit_dir: Path | None = None,
+) -> None:
     """Poll; with a job, fail at once (showing its log) when it ends before `predicate` holds."""
     deadline = time.time() + timeout
     while not predicate():
@@ -117,8 +142,9 @@ def errors_in(log: str) -> str:
 def reference(cluster, shards, tmp_path_factory) -> tuple[int, Path, Path]:
     """train.sbatch, 2 CPU ranks on one node, W&B offline; uninterrupted."""
     submit_dir = tmp_path_factory.mktemp("submit-reference")
-    job = submit_training(cluster, "train.sbatch", submit_dir, shards, ["--nodes=1", "--cpus-per-task=2"], 2,
-                          "tracking.wandb=true")
+    job = submit_training(
+        cluster, "train.sbatch", submit_dir, shards, ["--nodes=1", "--cpus-per-task=2"], 2, "tracking.wandb=true"
+    )
     assert_completed(cluster, job, submit_dir)
     return job, submit_dir, run_dir_of(submit_dir, job)
 
@@ -135,8 +161,12 @@ def test_train_sbatch_completes_with_metrics_and_an_offline_wandb_run(reference)
 
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1, offline
-    out = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(offline[0])],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(offline[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)["summary"]
     last_train = records(run, "train")[-1]
@@ -147,8 +177,9 @@ def test_train_sbatch_completes_with_metrics_and_an_offline_wandb_run(reference)
 def test_preempted_twice_checkpoints_requeues_resumes_and_ends_bitwise_equal(cluster, shards, reference, tmp_path):
     submit_dir = tmp_path / "submit"
     # W&B on: its service dies with the step's SIGTERM (wandb #9963); the run must checkpoint anyway.
-    job = submit_training(cluster, "train.sbatch", submit_dir, shards, ["--nodes=1", "--cpus-per-task=2"], 2,
-                          "tracking.wandb=true")
+    job = submit_training(
+        cluster, "train.sbatch", submit_dir, shards, ["--nodes=1", "--cpus-per-task=2"], 2, "tracking.wandb=true"
+    )
     run = run_dir_of(submit_dir, job)
 
     # 1. A job in a higher-priority partition needs the node: SLURM preempts ours (PreemptMode=REQUEUE,
@@ -156,13 +187,24 @@ def test_preempted_twice_checkpoints_requeues_resumes_and_ends_bitwise_equal(clu
     watch = dict(cluster=cluster, job=job, submit_dir=submit_dir)
     wait_until(lambda: logged_step(run) >= 3, "the first steps", **watch)
     node = cluster.job(job)["NodeList"]
-    urgent = cluster.sbatch(["--partition=urgent", f"--nodelist={node}", "--cpus-per-task=2", "--mem=0",
-                             f"--output={tmp_path}/urgent.out", "--wrap", "sleep 1"], cwd=tmp_path)
+    urgent = cluster.sbatch(
+        [
+            "--partition=urgent",
+            f"--nodelist={node}",
+            "--cpus-per-task=2",
+            "--mem=0",
+            f"--output={tmp_path}/urgent.out",
+            "--wrap",
+            "sleep 1",
+        ],
+        cwd=tmp_path,
+    )
     wait_until(lambda: int(cluster.job(job).get("Restarts", 0)) >= 1, "the requeue after preemption", **watch)
     log = job_log(submit_dir)
     assert "preempted (SIGTERM): checkpoint at step" in log, (
         f"no checkpoint on SIGTERM from the preemption (SLURM signals every process of the step, loader "
-        f"workers included):\n{errors_in(log)}")
+        f"workers included):\n{errors_in(log)}"
+    )
     assert cluster.wait_for(urgent, timeout=120)["JobState"] == "COMPLETED"
 
     # 2. The requeued job resumes; then the time-limit warning: SIGUSR1 to the batch shell (what
@@ -176,8 +218,14 @@ def test_preempted_twice_checkpoints_requeues_resumes_and_ends_bitwise_equal(clu
     info = assert_completed(cluster, job, submit_dir)
     log = job_log(submit_dir)
     assert int(info["Restarts"]) == 2
-    preempted = [(sig, int(step)) for sig, step in re.findall(r"rank 0/2\] WARNING histo_dist.train: preempted \((\w+)\): "
-                                                                 r"checkpoint at step (\d+)", log)]
+    preempted = [
+        (sig, int(step))
+        for sig, step in re.findall(
+            r"rank 0/2\] WARNING histo_dist.train: preempted \((\w+)\): "
+            r"checkpoint at step (\d+)",
+            log,
+        )
+    ]
     resumed = [int(s) for s in re.findall(r"rank 0/2\] INFO histo_dist.train: resumed from \S+ at step (\d+)", log)]
     assert [sig for sig, _ in preempted] == ["SIGTERM", "SIGUSR1"], log[-6000:]
     assert [step for _, step in preempted] == resumed, (preempted, resumed)
@@ -191,8 +239,15 @@ def test_preempted_twice_checkpoints_requeues_resumes_and_ends_bitwise_equal(clu
 
 def test_multinode_sbatch_over_two_nodes_equals_two_ranks_on_one(cluster, shards, reference, tmp_path):
     submit_dir = tmp_path / "submit"
-    job = submit_training(cluster, "train_multinode.sbatch", submit_dir, shards, ["--nodes=2", "--cpus-per-task=1"], 1,
-                          "tracking.wandb=false")
+    job = submit_training(
+        cluster,
+        "train_multinode.sbatch",
+        submit_dir,
+        shards,
+        ["--nodes=2", "--cpus-per-task=1"],
+        1,
+        "tracking.wandb=false",
+    )
     assert_completed(cluster, job, submit_dir)
     log = job_log(submit_dir)
     for rank in (0, 1):
@@ -210,11 +265,26 @@ def test_convert_sbatch_array_writes_parts_then_the_manifest(cluster, tmp_path):
     write_pcam(source, {"train": 200, "valid": 60, "test": 60}, gz=True)
     options = ["--samples-per-shard", "32"]
     out = tmp_path / "shards"
-    array = cluster.sbatch(["--partition=debug", "--array=0-2", "--cpus-per-task=1", "--mem=0", "--time=10",
-                            f"--export=ALL,INPUT={source},OUTPUT={out}", ROOT / "slurm" / "convert.sbatch", *options],
-                           cwd=tmp_path, env=JOB_ENV)
-    wait_until(lambda: (out / "manifest.json").exists() and not cluster.run(["squeue", "-h"]).stdout.strip(),
-               "the array and the manifest job", timeout=180, poll=0.5)
+    array = cluster.sbatch(
+        [
+            "--partition=debug",
+            "--array=0-2",
+            "--cpus-per-task=1",
+            "--mem=0",
+            "--time=10",
+            f"--export=ALL,INPUT={source},OUTPUT={out}",
+            ROOT / "slurm" / "convert.sbatch",
+            *options,
+        ],
+        cwd=tmp_path,
+        env=JOB_ENV,
+    )
+    wait_until(
+        lambda: (out / "manifest.json").exists() and not cluster.run(["squeue", "-h"]).stdout.strip(),
+        "the array and the manifest job",
+        timeout=180,
+        poll=0.5,
+    )
     log = job_log(tmp_path)
     tasks = cluster.array_jobs(array)
     assert sorted(t["JobState"] for t in tasks) == ["COMPLETED"] * 3, tasks
@@ -228,7 +298,22 @@ def test_convert_sbatch_array_writes_parts_then_the_manifest(cluster, tmp_path):
 
     # The same bytes as one process converting everything.
     single = tmp_path / "single"
-    done = subprocess.run([str(BIN / "histo-dist"), "convert", "--input", str(source), "--output", str(single),
-                           "--no-progress", "--workers", "1", *options], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(BIN / "histo-dist"),
+            "convert",
+            "--input",
+            str(source),
+            "--output",
+            str(single),
+            "--no-progress",
+            "--workers",
+            "1",
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert tree_hashes(out) == tree_hashes(single)
