@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import torch
 
-from histo_dist.augment import AugmentConfig, augment, normalize_only
+from histo_dist.augment import AugmentConfig, augment, eval_transform
 
 DEFAULTS = AugmentConfig()
 CASES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "normalize_only": lambda x, s: normalize_only(x, DEFAULTS),
+    "eval_transform": lambda x, s: eval_transform(x, DEFAULTS),
     "augment, defaults": lambda x, s: augment(x, s, DEFAULTS),
     "augment, + rotate 15": lambda x, s: augment(x, s, dataclasses.replace(DEFAULTS, rotate_degrees=15.0)),
     "augment, dihedral only": lambda x, s: augment(

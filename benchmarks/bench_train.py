@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--precision", default="no", choices=["no", "bf16"])
     args = parser.parse_args()
 
-    from histo_dist.augment import normalize_only
+    from histo_dist.augment import eval_transform
     from histo_dist.experiment import load_experiment
     from histo_dist.models import build_model
     from histo_dist.train import Trainer
@@ -93,7 +93,7 @@ def main() -> None:
         t = time.perf_counter()
         model.train()
         for batch in batches:
-            images = normalize_only(batch["image"].to(device, non_blocking=True), cfg.augment)
+            images = eval_transform(batch["image"].to(device, non_blocking=True), cfg.augment)
             images = images.contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(device, non_blocking=True)
             with autocast:

@@ -16,9 +16,11 @@ Two properties the loader relies on:
   ops, with no torch.Generator; the ops are elementwise (a sum over an image is an explicit tree of
   elementwise adds, since torch's reductions pick their summation order from the batch's shape).
 
-Pipeline, each step skipped when its strength is 0: dihedral symmetry (on uint8) -> small-angle
-rotation -> H&E stain jitter -> brightness -> contrast -> saturation -> hue -> normalisation.
-The colour steps follow torchvision's ColorJitter semantics but always run in this fixed order.
+Pipeline, each step skipped when its strength is 0: crop around the centre, shifted per sample
+(on uint8) -> dihedral symmetry (on uint8) -> resize -> small-angle rotation -> H&E stain jitter ->
+brightness -> contrast -> saturation -> hue -> normalisation. The colour steps follow torchvision's
+ColorJitter semantics but always run in this fixed order. Evaluation (`eval_transform`) takes the
+same centre crop and resize, then normalises: the model sees the same geometry in both.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ class AugmentConfig:
     stain_bias: float = 0.02
     """H&E stain jitter: shift each stain concentration by an amount uniform in [-bias, bias], in optical
     density units (-log10 of the transmitted light); 0 is off."""
+    crop: int = 0
+    """Side of the square cut out of the centre of every patch, in training and evaluation alike (PCam's label is
+    decided by the centre 32x32 pixels); 0 keeps the whole patch. Training shifts it by crop_jitter."""
+    crop_jitter: int = 0
+    """Training only: shift the crop by a whole number of pixels uniform in [-j, j], per sample and direction."""
+    resize: int = 0
+    """Resize (after cropping) to this side, bilinear with antialiasing, in training and evaluation alike; 0 keeps
+    the size. Fewer pixels, more images per second."""
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean subtracted from the [0, 1] image (ImageNet's, to match pretrained backbones)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -77,6 +87,11 @@ class AugmentConfig:
             check(name, 0, math.inf, "finite and >= 0")
         check("hue", 0, 0.5, "in [0, 0.5]")
         check("stain_sigma", 0, 1, "in [0, 1] (a stain scale factor cannot go negative)")
+        for name in ("crop", "crop_jitter", "resize"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.crop_jitter > 0 and not self.crop:
+            problems.append("crop_jitter: shifts the crop; set crop (the crop's side) too")
         for name in ("mean", "std"):
             if len(getattr(self, name)) != 3:
                 problems.append(f"{name}: must have 3 values (R, G, B), got {getattr(self, name)}")
@@ -137,6 +152,7 @@ class AugmentParams(NamedTuple):
     hue: Tensor  # (N,) shift in turns of the colour circle
     stain_alpha: Tensor  # (N, 3) scale of the haematoxylin, eosin, DAB concentrations
     stain_beta: Tensor  # (N, 3) shift of the same, optical density (log10) units
+    crop_shift: Tensor  # (N, 2) int64 shift of the crop (rows, columns) from the centre, pixels
 
 
 def draw_params(seeds: Tensor, cfg: AugmentConfig) -> AugmentParams:
@@ -144,7 +160,7 @@ def draw_params(seeds: Tensor, cfg: AugmentConfig) -> AugmentParams:
 
     Every parameter has its own fixed hash counter, so switching one op off or changing its
     strength leaves what the other ops draw unchanged."""
-    u = _uniforms(seeds, 12).unbind(1)
+    u = _uniforms(seeds, 14).unbind(1)
 
     def between(lo: float, hi: float, v: Tensor) -> Tensor:
         return lo + (hi - lo) * v
@@ -162,6 +178,7 @@ def draw_params(seeds: Tensor, cfg: AugmentConfig) -> AugmentParams:
         hue=between(-cfg.hue, cfg.hue, u[5]),
         stain_alpha=factor(cfg.stain_sigma, torch.stack(u[6:9], 1)),
         stain_beta=between(-cfg.stain_bias, cfg.stain_bias, torch.stack(u[9:12], 1)),
+        crop_shift=(torch.stack(u[12:14], 1) * (2 * cfg.crop_jitter + 1)).long() - cfg.crop_jitter,  # exact
     )
 
 
@@ -195,6 +212,29 @@ def _dihedral(images: Tensor, k: Tensor) -> Tensor:
         raise ValueError(f"dihedral symmetries need square images, got {h}x{w}")
     index = _dihedral_indices(h, images.device)[k]  # (N, H*W)
     return images.flatten(2).gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+
+
+def _crop(images: Tensor, size: int, shift: Tensor | None = None) -> Tensor:
+    """The size x size square at the centre of each image, moved by shift[i] = (rows, columns) pixels for
+    sample i (clamped inside the image): two gathers, one per axis, instead of a loop over samples."""
+    n, c, h, w = images.shape
+    if size > min(h, w):
+        raise ValueError(f"crop {size} does not fit {h}x{w} images")
+    top, left = (h - size) // 2, (w - size) // 2
+    if shift is None or not shift.any():
+        return images[:, :, top : top + size, left : left + size]
+    steps = torch.arange(size, device=images.device)
+    rows = (top + shift[:, 0]).clamp(0, h - size)[:, None] + steps  # (N, size)
+    cols = (left + shift[:, 1]).clamp(0, w - size)[:, None] + steps
+    x = images.gather(2, rows[:, None, :, None].expand(n, c, size, w))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, size, size))
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    """Float (N, C, H, W) -> (N, C, size, size), bilinear with antialiasing (each sample on its own)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
@@ -328,13 +368,18 @@ def _normalize_(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> T
     return x
 
 
-def normalize_only(images: Tensor, cfg: AugmentConfig) -> Tensor:
-    """Evaluation transform: uint8 (N, 3, H, W) -> float32 (x / 255 - mean) / std, no randomness.
-
-    Computed as (x - 255 mean) / (255 std), two passes, which is exactly x / 255 for mean 0, std 1.
-    Channels-last input stays channels-last."""
+def eval_transform(images: Tensor, cfg: AugmentConfig) -> Tensor:
+    """The evaluation input: uint8 (N, 3, H, W) -> the centre crop (cfg.crop), resized (cfg.resize), as float32
+    (x / 255 - mean) / std, no randomness. Without a resize it is computed as (x - 255 mean) / (255 std), two
+    passes, which is exactly x / 255 for mean 0, std 1. Channels-last input stays channels-last."""
     _check(images)
-    return _normalize_(images.float(), tuple(255 * m for m in cfg.mean), tuple(255 * s for s in cfg.std))
+    fmt = _memory_format(images)
+    x = _crop(images, cfg.crop) if cfg.crop else images
+    if cfg.resize:
+        x = _normalize_(_resize(x.float().div_(255), cfg.resize), cfg.mean, cfg.std)
+    else:
+        x = _normalize_(x.float(), tuple(255 * m for m in cfg.mean), tuple(255 * s for s in cfg.std))
+    return x.contiguous(memory_format=fmt)
 
 
 def augment(images: Tensor, seeds: Tensor, cfg: AugmentConfig) -> Tensor:
@@ -344,10 +389,13 @@ def augment(images: Tensor, seeds: Tensor, cfg: AugmentConfig) -> Tensor:
     device save a copy. `cfg` is taken as valid (config loading runs `AugmentConfig.validate`)."""
     _check(images, seeds)
     if not cfg.enabled:
-        return normalize_only(images, cfg)
+        return eval_transform(images, cfg)
     p = draw_params(seeds.to(images.device), cfg)
-    x = _dihedral(images, p.dihedral) if cfg.dihedral else images  # on uint8: a quarter of the bytes
+    x = _crop(images, cfg.crop, p.crop_shift if cfg.crop_jitter else None) if cfg.crop else images
+    x = _dihedral(x, p.dihedral) if cfg.dihedral else x  # on uint8: a quarter of the bytes
     x = x.float().div_(255)  # a fresh tensor, so the steps below work in place
+    if cfg.resize:
+        x = _resize(x, cfg.resize)
     if cfg.rotate_degrees > 0:
         x = _rotate(x, p.angle)
     if cfg.stain_sigma > 0 or cfg.stain_bias > 0:

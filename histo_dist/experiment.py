@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from histo_dist.augment import AugmentConfig
+from histo_dist.budget import MIN_CALIBRATION_STEPS, BudgetError, parse_duration
 from histo_dist.checkpoint import CheckpointConfig
 from histo_dist.config import load_config
 from histo_dist.evaluation import EvalOptions
@@ -64,13 +65,19 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    """Passes over the training split."""
+    """Passes over the training split (ignored with a time_budget)."""
     max_steps: int = 0
-    """Stop after this many optimizer steps in total (0: run all epochs)."""
+    """Stop after this many optimizer steps in total (0: run all epochs, or what the time budget allows)."""
+    time_budget: str = ""
+    """Wall-clock budget of the whole run, e.g. 300s, 45m, 2h ('' = off): the run measures its own speed during the
+    learning-rate warmup (schedule.warmup_steps, at least 10), then plans how many optimizer steps fit, leaving time for
+    validation and the final test, and sizes its schedule to them. The plan is kept in checkpoints and RUN/plan.json,
+    so a resumed run ends where the uninterrupted one would. Replaces epochs."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (gradient accumulation, by Accelerate)."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision (bf16 on H100/H200/A100; fp16 uses a gradient scaler)."""
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    """Autocast precision: bf16 (GPUs since A100; CPUs with AVX512-BF16 or AMX, about 2x fp32 there), fp16 (with a
+    gradient scaler), no; 'auto' picks bf16 where the hardware runs it natively, else fp16 on GPUs, else no."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value (0: off)."""
     channels_last: bool = True
@@ -110,6 +117,11 @@ class TrainConfig:
             problems.append(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.best_metric not in METRIC_NAMES:
             problems.append(f"best_metric: {self.best_metric!r} is not one of {', '.join(METRIC_NAMES)}")
+        if self.time_budget:
+            try:
+                parse_duration(self.time_budget)
+            except BudgetError as e:
+                problems.append(f"time_budget: {e}")
         return problems
 
 
@@ -133,6 +145,17 @@ class ExperimentConfig:
         problems = []
         if self.schedule.name == "plateau" and not self.data.valid_split:
             problems.append("schedule.name: plateau needs validation (data.valid_split)")
+        if self.train.time_budget:
+            if self.schedule.name in ("onecycle", "plateau"):
+                problems.append(
+                    f"schedule.name: {self.schedule.name} cannot be planned for a time budget (its learning "
+                    "rates from the first step depend on the run's length); use cosine with warmup_steps"
+                )
+            if self.schedule.warmup_steps < MIN_CALIBRATION_STEPS:
+                problems.append(
+                    f"schedule.warmup_steps: a time budget measures the run's speed during the warmup; "
+                    f"give at least {MIN_CALIBRATION_STEPS}, got {self.schedule.warmup_steps}"
+                )
         if self.test.threshold_method and not self.data.valid_split:
             problems.append(
                 f"test.threshold: {self.test.threshold} is chosen on the validation split, and "

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histo_dist.augment import AugmentConfig, dihedral_views, normalize_only
+from histo_dist.augment import AugmentConfig, dihedral_views, eval_transform
 from histo_dist.checkpoint import CheckpointError, model_weights, read_training_checkpoint
 from histo_dist.errors import HistoDistError
 
@@ -113,7 +113,7 @@ class InferenceModel:
         """uint8 (N, 3, H, W) on any device -> the normalised float32 batch the model takes."""
         check_size(self, images.shape[-2], images.shape[-1], where, resize)
         images = resize_uint8(images, tuple(self.image_shape[:2]))
-        x = normalize_only(images.contiguous(), self.augment)
+        x = eval_transform(images.contiguous(), self.augment)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.no_grad()

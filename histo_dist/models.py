@@ -67,6 +67,65 @@ class SimpleCNN(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Compact CNNs for patches: fast on two CPU cores (bf16, channels_last), unchanged on a GPU
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN, added to the input (an average-pooled 1x1 conv-BN where the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.convs = nn.Sequential(_conv_bn_relu(cin, cout, stride), _conv_bn_relu(cout, cout, relu=False))
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+            self.shortcut = nn.Sequential(pool, nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        nn.init.zeros_(self.convs[1][1].weight)  # each block starts as the identity: deep nets train from step 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.convs(x) + self.shortcut(x))
+
+
+class CompactCNN(nn.Module):
+    """A 3x3 conv-BN-ReLU stem of `width` channels, then one stage per entry of `depths`: each stage after the
+    first halves the resolution and doubles the channels (up to 16 x width); a stage is `depth` conv-BN-ReLU
+    layers after a 2x2 max-pool (plain) or `depth` residual basic blocks, the first with stride 2 (residual).
+    Global average pooling and a Linear layer; any input size."""
+
+    def __init__(self, width: int, depths: tuple[int, ...], residual: bool, num_classes: int = 1000):
+        super().__init__()
+        self.stem = _conv_bn_relu(3, width)
+        stages, cin = [], width
+        for i, depth in enumerate(depths):
+            cout = width * 2 ** min(i, 4)
+            if residual:
+                blocks = [BasicBlock(cin if j == 0 else cout, cout, 2 if i > 0 and j == 0 else 1) for j in range(depth)]
+            else:
+                blocks = [nn.MaxPool2d(2)] if i > 0 else []
+                blocks += [_conv_bn_relu(cin if j == 0 else cout, cout) for j in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A mean, not AdaptiveAvgPool2d: the same numbers, and a deterministic backward on CUDA.
+        return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def _compact_stages(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    return {"stem": ("stem",), **{f"stage{i + 1}": (f"stages.{i}",) for i in range(len(cfg.depths))}}
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 
 
@@ -74,16 +133,20 @@ class SimpleCNN(nn.Module):
 class Architecture:
     head: str
     """Dotted path of the final Linear in `build()`'s network; build_model replaces it."""
-    stages: dict[str, tuple[str, ...]]
-    """Stage name -> dotted module paths, in forward order; together they hold every backbone parameter."""
-    build: Callable[[], nn.Module]
-    """A randomly initialised network (never downloads)."""
+    stages: dict[str, tuple[str, ...]] | Callable[[ModelConfig], dict[str, tuple[str, ...]]]
+    """Stage name -> dotted module paths, in forward order; together they hold every backbone parameter (or a
+    function of the model config giving them)."""
+    build: Callable[[ModelConfig], nn.Module]
+    """A randomly initialised network of the model config (never downloads)."""
     torchvision: bool = True
     """Has torchvision weights (resolved by the registry name)."""
 
+    def stages_of(self, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+        return self.stages(cfg) if callable(self.stages) else self.stages
 
-def _torchvision(name: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
+
+def _torchvision(name: str) -> Callable[[ModelConfig], nn.Module]:
+    def build(cfg: ModelConfig) -> nn.Module:
         import torchvision
 
         return torchvision.models.get_model(name, weights=None)
@@ -101,7 +164,19 @@ ARCHITECTURES: dict[str, Architecture] = {
     "simple_cnn": Architecture(
         head="fc",
         stages={**{f"block{i + 1}": (f"features.{i}",) for i in range(4)}, "hidden": ("hidden",)},
-        build=SimpleCNN,
+        build=lambda cfg: SimpleCNN(),
+        torchvision=False,
+    ),
+    "compact_cnn": Architecture(
+        head="fc",
+        stages=_compact_stages,
+        build=lambda cfg: CompactCNN(cfg.width, cfg.depths, residual=False),
+        torchvision=False,
+    ),
+    "compact_resnet": Architecture(
+        head="fc",
+        stages=_compact_stages,
+        build=lambda cfg: CompactCNN(cfg.width, cfg.depths, residual=True),
         torchvision=False,
     ),
     **{name: Architecture("fc", _RESNET_STAGES, _torchvision(name)) for name in ("resnet18", "resnet34", "resnet50")},
@@ -156,8 +231,8 @@ def _is_weights_name(pretrained: str) -> bool:
     return pretrained.lower() == "imagenet" or re.fullmatch(r"[A-Z0-9_]+", pretrained) is not None
 
 
-def freeze_choices(name: str) -> tuple[str, ...]:
-    return ("none", "all", *ARCHITECTURES[name].stages)
+def freeze_choices(cfg: ModelConfig) -> tuple[str, ...]:
+    return ("none", "all", *ARCHITECTURES[cfg.name].stages_of(cfg))
 
 
 def num_outputs(num_classes: int) -> int:
@@ -170,7 +245,8 @@ def num_outputs(num_classes: int) -> int:
 @dataclass
 class ModelConfig:
     name: str = "simple_cnn"
-    """Architecture: simple_cnn, resnet18, resnet34, resnet50, densenet121, vgg16_bn, efficientnet_b0, convnext_tiny."""
+    """Architecture: simple_cnn, compact_cnn, compact_resnet, resnet18, resnet34, resnet50, densenet121, vgg16_bn,
+    efficientnet_b0, convnext_tiny."""
     pretrained: str | None = None
     """Backbone weights: null = random init; "imagenet" (or a torchvision weights name such as IMAGENET1K_V1) = from the
     local torch hub cache, never downloaded; else the path of a state dict file (torch.load or .safetensors)."""
@@ -179,19 +255,28 @@ class ModelConfig:
     (resnets: stem, layer1..layer4)."""
     dropout: float = 0.0
     """Dropout right before the new classification layer (on top of any the architecture has)."""
+    width: int = 32
+    """compact_cnn, compact_resnet: channels of the first stage (doubled at each stage after it, at most 16x)."""
+    depths: tuple[int, ...] = (1, 1, 1, 1)
+    """compact_cnn, compact_resnet: conv layers (compact_cnn) or residual blocks (compact_resnet) of each stage; each
+    stage after the first halves the resolution."""
 
     def validate(self) -> list[str]:
         problems = []
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not 1 <= self.width <= 4096:
+            problems.append(f"width: must be in [1, 4096], got {self.width}")
+        if not 1 <= len(self.depths) <= 8 or not all(1 <= d <= 64 for d in self.depths):
+            problems.append(f"depths: 1 to 8 stages of 1 to 64 layers or blocks each, got {list(self.depths)}")
         if self.name not in ARCHITECTURES:
             close = difflib.get_close_matches(self.name, MODEL_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"name: unknown model {self.name!r}{hint}; known: {', '.join(MODEL_NAMES)}")
             return problems
-        if self.freeze not in freeze_choices(self.name):
+        if self.freeze not in freeze_choices(self):
             problems.append(
-                f"freeze: {self.name} has no stage {self.freeze!r}; valid: {', '.join(freeze_choices(self.name))}"
+                f"freeze: {self.name} has no stage {self.freeze!r}; valid: {', '.join(freeze_choices(self))}"
             )
         if self.pretrained and _is_weights_name(self.pretrained) and _weights_enum(self.name, self.pretrained) is None:
             if ARCHITECTURES[self.name].torchvision:
@@ -254,7 +339,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     if problems:
         raise ConfigError(problems, "model config")
     arch = ARCHITECTURES[cfg.name]
-    net = arch.build()
+    net = arch.build(cfg)
     old_head = net.get_submodule(arch.head)
     net.set_submodule(
         arch.head, nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes)))
@@ -268,9 +353,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
         for p in model.backbone_parameters():
             p.requires_grad_(False)
     elif cfg.freeze != "none":
-        stages = list(arch.stages)
-        for stage in stages[: stages.index(cfg.freeze) + 1]:
-            for path in arch.stages[stage]:
+        stages = arch.stages_of(cfg)
+        names = list(stages)
+        for stage in names[: names.index(cfg.freeze) + 1]:
+            for path in stages[stage]:
                 net.get_submodule(path).requires_grad_(False)
     return model.train()  # puts the norms just frozen in eval mode
 

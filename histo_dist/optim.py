@@ -223,8 +223,17 @@ class LRSchedule:
     after every validation with the monitored metric. Its state is the scheduler's."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+        self.cfg = cfg
         self.scheduler = build_scheduler(optimizer, cfg, total_steps)
         self.per_validation = cfg.name == "plateau"
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length, once a time budget's plan knows it. The factors of the steps taken so far (the
+        warmup) do not depend on it."""
+        if isinstance(self.scheduler, LambdaLR):
+            self.scheduler.lr_lambdas = [
+                functools.partial(lr_factor, self.cfg, total_steps) for _ in self.scheduler.lr_lambdas
+            ]
 
     def after_optimizer_step(self) -> None:
         if not self.per_validation:

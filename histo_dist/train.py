@@ -15,19 +15,25 @@ the test split exactly as `histo-dist evaluate` would (evaluation.py), into RUN/
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from histo_dist.augment import AugmentConfig, augment, normalize_only
+from histo_dist import budget
+from histo_dist.augment import AugmentConfig, augment, eval_transform
+from histo_dist.budget import Plan, make_plan, parse_duration
 from histo_dist.checkpoint import Checkpointer, model_weights, read_training_checkpoint
 from histo_dist.config import to_dict
 from histo_dist.errors import HistoDistError
 from histo_dist.evaluation import evaluate_split, scalars, validate_split, write_evaluation
 from histo_dist.experiment import ExperimentConfig, load_experiment
+from histo_dist.files import write_atomic
 from histo_dist.inference import InferenceModel
 from histo_dist.loader import ShardLoader
 from histo_dist.manifest import Manifest
@@ -39,6 +45,7 @@ from histo_dist.rundir import default_run_dir, provenance, write_run_files
 from histo_dist.tracking import RunLog, setup_logging
 
 log = logging.getLogger(__name__)
+UNPLANNED = sys.maxsize  # the length of a budgeted run before its plan
 
 
 class NonFiniteLossError(HistoDistError):
@@ -49,6 +56,38 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     """Seed for the torch RNG at a given step (dropout, etc.): a resumed run draws the same numbers
     on every rank without saving RNG states."""
     return (seed * 1_000_003 + rank * 7919 + step * 104_729) % (2**63)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 convolutions run about twice as fast as fp32 (elsewhere they are emulated)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except (AttributeError, RuntimeError):  # private probes: absent in some torch releases
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_precision(requested: str, cpu: bool) -> str:
+    """train.mixed_precision as Accelerate takes it: 'auto' becomes what this hardware runs fast."""
+    if requested != "auto":
+        return requested
+    if cpu:
+        chosen, why = (
+            ("bf16", "this CPU has AVX512-BF16/AMX") if cpu_has_native_bf16() else ("no", "no native bf16 here")
+        )
+    elif torch.cuda.is_bf16_supported():
+        chosen, why = "bf16", torch.cuda.get_device_name()
+    else:
+        chosen, why = "fp16", f"{torch.cuda.get_device_name()} has no bf16"
+    log.info("train.mixed_precision=auto: %s (%s)", chosen, why)
+    return chosen
 
 
 class Validator:
@@ -92,9 +131,10 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        use_cpu = t.cpu or not torch.cuda.is_available()
         self.accelerator = accelerator or Accelerator(
-            cpu=t.cpu or not torch.cuda.is_available(),
-            mixed_precision=t.mixed_precision,
+            cpu=use_cpu,
+            mixed_precision=resolve_precision(t.mixed_precision, use_cpu),
             # Our loaders are not `prepare`d, so accumulation syncs every k micro-batches, never on a
             # dataloader end it cannot see; epochs are cut to multiples of k below.
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -127,9 +167,17 @@ class Trainer:
                 f"{len(self.train_loader)} batches per epoch on each rank is fewer than train.grad_accum_steps="
                 f"{t.grad_accum_steps}; lower loader.batch_size or grad_accum_steps"
             )
-        self.total_steps = self.steps_per_epoch * t.epochs
-        if t.max_steps:
-            self.total_steps = min(self.total_steps, t.max_steps)
+        # The run's length: its epochs (or max_steps), or what a time budget allows, planned once at
+        # the end of the warmup (budget.py); until then the schedule only needs the warmup's length.
+        self.budget_s = parse_duration(t.time_budget) if t.time_budget else None
+        self.plan: Plan | None = None
+        if self.budget_s:
+            self.total_steps, schedule_steps = UNPLANNED, cfg.schedule.warmup_steps + 1
+        else:
+            self.total_steps = self.steps_per_epoch * t.epochs
+            if t.max_steps:
+                self.total_steps = min(self.total_steps, t.max_steps)
+            schedule_steps = self.total_steps
 
         # Model, optimizer, schedule. The schedule is NOT passed through `prepare`: Accelerate
         # would step it once per process per optimizer step.
@@ -137,7 +185,7 @@ class Trainer:
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg.optim)
-        self.schedule = LRSchedule(optimizer, cfg.schedule, self.total_steps)
+        self.schedule = LRSchedule(optimizer, cfg.schedule, schedule_steps)
         if t.compile:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -159,6 +207,8 @@ class Trainer:
         self.skipped_samples = 0  # corrupt training samples skipped over the run, all ranks (loader.skip_corrupt)
         self._pending_losses: list[tuple[int, torch.Tensor]] = []
         self.preemption = PreemptionFlag()
+        self._timing: tuple[int, float] | None = None  # (step, time) where the budget's step timing starts
+        self._resumed_at = 0
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def prepare_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +219,7 @@ class Trainer:
             if self.cfg.augment.enabled:
                 images = augment(images, batch["seed"].to(self.device, non_blocking=True), self.cfg.augment)
             else:
-                images = normalize_only(images, self.cfg.augment)
+                images = eval_transform(images, self.cfg.augment)
         if self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels
@@ -331,6 +381,79 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return results
 
+    # -- time budget -------------------------------------------------------------------------------
+    def follow_budget(self, run_log: RunLog, bar) -> None:
+        """(train.time_budget) Time the warmup's steps; at its end, plan the run's length (every rank calls
+        this after every optimizer step until the plan is made; all get rank 0's plan)."""
+        from accelerate.utils import broadcast_object_list
+
+        warmup = self.cfg.schedule.warmup_steps
+        if self._timing is None:  # the first quarter of the warmup is start-up, not throughput
+            if self.step >= min(max(warmup // 4, self._resumed_at + 1), warmup - 1) or self.step == warmup:
+                self._timing = (self.step, self._synchronized_now())
+            return
+        if self.step < warmup:
+            return
+        start_step, start = self._timing
+        plan = [None]
+        if self.accelerator.is_main_process:
+            step_s = (self._synchronized_now() - start) / max(1, self.step - start_step)
+            v, test = self.cfg.data.valid_split, self.cfg.data.test_split
+            valid_samples = self.manifest.split(v).num_samples // self.world_size if v else 0
+            test_samples = (self.manifest.split(test).num_samples // self.world_size if test else 0) + (
+                valid_samples if test and self.cfg.test.threshold_method else 0
+            )
+            plan = [
+                make_plan(
+                    budget_s=self.budget_s,
+                    step=self.step,
+                    elapsed_s=budget.process_age(),
+                    step_s=step_s,
+                    eval_s_per_sample=self._eval_seconds_per_sample(),
+                    steps_per_epoch=self.steps_per_epoch,
+                    eval_every_steps=self.cfg.train.eval_every_steps,
+                    valid_samples=valid_samples,
+                    test_samples=test_samples,
+                    test_views=8 if self.cfg.test.tta else 1,
+                    max_steps=self.cfg.train.max_steps,
+                ).to_dict()
+            ]
+        broadcast_object_list(plan)  # every rank takes the same number of steps
+        self.set_plan(Plan.from_dict(plan[0]))
+        bar.total = self.total_steps
+        bar.refresh()
+        if self.accelerator.is_main_process:
+            write_atomic(self.run_dir / "plan.json", json.dumps(plan[0], indent=2) + "\n")
+            run_log.log(plan[0], self.step, "plan")
+            (log.warning if self.total_steps == self.step else log.info)("%s", self.plan.describe())
+
+    def set_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        self.total_steps = plan.total_steps
+        self.schedule.set_total_steps(plan.total_steps)
+
+    def _synchronized_now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a sync point, twice per run: GPU work is asynchronous
+        return budget.now()
+
+    @torch.no_grad()
+    def _eval_seconds_per_sample(self) -> float:
+        """One rank's seconds per sample of an evaluation forward pass (the better of two timed passes over
+        a batch of random patches), with a quarter more for reading and gathering."""
+        model = self.inference_model()
+        h, w, c = self.manifest.image_shape
+        n = self.cfg.loader.eval_batch_size
+        images = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        images = images.to(self.device)
+        best = math.inf
+        for _ in range(2):
+            start = self._synchronized_now()
+            with self.accelerator.autocast():
+                model.probabilities(model.inputs(images))
+            best = min(best, self._synchronized_now() - start)
+        return best / n * 1.25
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         acc = self.accelerator
@@ -347,6 +470,7 @@ class Trainer:
             "num_classes": self.num_classes,
             "label_names": list(self.manifest.label_names),
             "image_shape": list(self.manifest.image_shape),
+            "plan": self.plan.to_dict() if self.plan else None,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -380,6 +504,14 @@ class Trainer:
         self.validator.best = state["best"]
         self.validator.evals_without_improvement = int(state["evals_without_improvement"])
         self.skipped_samples = int(state.get("skipped_samples", 0))
+        if state.get("plan"):
+            self.set_plan(Plan.from_dict(state["plan"]))  # a budgeted run keeps the length it planned
+        elif self.budget_s and self.step >= self.cfg.schedule.warmup_steps:
+            raise HistoDistError(
+                f"{path}: written at step {self.step} without a time budget's plan; a time budget "
+                "applies to a run from its start (start a new run, or resume without train.time_budget)"
+            )
+        self._resumed_at = self.step
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -426,7 +558,7 @@ class Trainer:
         if resume is not None:
             self.load(resume)
         bar = tqdm(
-            total=self.total_steps,
+            total=None if self.total_steps == UNPLANNED else self.total_steps,
             initial=self.step,
             desc="train",
             unit="step",
@@ -443,6 +575,8 @@ class Trainer:
                     break
                 if not self.train_step(batch):
                     continue
+                if self.budget_s and self.plan is None:
+                    self.follow_budget(run_log, bar)
                 self.log_progress(run_log, bar, epoch)
                 end_of_epoch = self.train_loader.batch >= self.micro_per_epoch
                 if end_of_epoch:

@@ -14,3 +14,14 @@ def real_data() -> Path:
     if not (REAL_DATA / pcam_name("train", "x")).exists():
         pytest.skip(f"{REAL_DATA} not present")
     return REAL_DATA
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """For tests that call `train()` in the pytest process: it installs the preemption handlers."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

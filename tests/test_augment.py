@@ -17,7 +17,7 @@ from histo_dist.augment import (
     _uniforms,
     augment,
     draw_params,
-    normalize_only,
+    eval_transform,
 )
 from histo_dist.config import ConfigError, field_docs, from_dict
 
@@ -33,6 +33,7 @@ OFF = dict(
 )
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output = image in [0, 1]
 ALL_ON = AugmentConfig(rotate_degrees=15.0)
+GEOMETRY_ON = dataclasses.replace(ALL_ON, crop=24, crop_jitter=3, resize=16)
 SINGLE_OPS = {
     "dihedral": dict(dihedral=True),
     "rotate": dict(rotate_degrees=20.0),
@@ -162,8 +163,8 @@ def test_all_ops_off_is_exactly_the_image_over_255():
 
 
 def test_parameters_of_different_ops_are_uncorrelated():
-    p = draw_params(seeds(4000), ALL_ON)
-    columns = torch.cat([v.float().view(4000, -1) for v in p], 1)  # 14 parameters
+    p = draw_params(seeds(4000), GEOMETRY_ON)
+    columns = torch.cat([v.float().view(4000, -1) for v in p], 1)  # 16 parameters
     corr = torch.corrcoef(columns.T)
     assert (corr - torch.eye(len(corr))).abs().max() < 0.08
 
@@ -177,11 +178,11 @@ def test_switching_one_op_off_leaves_the_others_parameters_alone():
         assert torch.equal(getattr(full, name), getattr(fewer, name)), name
 
 
-def test_disabled_is_normalize_only_and_that_matches_torchvision():
+def test_disabled_is_eval_transform_and_that_matches_torchvision():
     x, cfg = images(4), dataclasses.replace(ALL_ON, enabled=False)
-    assert torch.equal(augment(x, seeds(4), cfg), normalize_only(x, cfg))
+    assert torch.equal(augment(x, seeds(4), cfg), eval_transform(x, cfg))
     expected = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(cfg.mean), list(cfg.std))
-    torch.testing.assert_close(normalize_only(x, cfg), expected)
+    torch.testing.assert_close(eval_transform(x, cfg), expected)
 
 
 def test_brightness_scales_each_sample_by_one_factor_in_range():
@@ -248,6 +249,51 @@ def test_stain_jitter_matches_color_deconvolution_reference():
 
 
 # ---------------------------------------------------------------------------------------------
+# Crop and resize: training and evaluation see the same geometry
+
+
+def test_evaluation_crop_is_the_centre_and_resize_is_antialiased_bilinear():
+    x = images(4, size=32)
+    out = eval_transform(x, only(crop=20))
+    assert torch.equal(out, x[:, :, 6:26, 6:26].float() / 255)
+    resized = eval_transform(x, only(crop=20, resize=12))
+    expected = torch.nn.functional.interpolate(
+        x[:, :, 6:26, 6:26].float() / 255, size=(12, 12), mode="bilinear", antialias=True, align_corners=False
+    )
+    torch.testing.assert_close(resized, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="crop 40 does not fit 32x32"):
+        eval_transform(x, only(crop=40))
+
+
+def test_training_crop_is_shifted_per_sample_within_the_jitter():
+    x = images(1, size=32).expand(200, -1, -1, -1)
+    out = augment(x, seeds(200), only(crop=20, crop_jitter=3))
+    shifts = set()
+    for i in range(200):  # each output is the image's 20x20 square at one shift from the centre (6, 6)
+        found = [
+            (dy, dx)
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
+            if torch.equal(out[i], x[0, :, 6 + dy : 26 + dy, 6 + dx : 26 + dx].float() / 255)
+        ]
+        assert len(found) == 1, i
+        shifts.add(found[0])
+    assert len(shifts) == 49  # all 7 x 7 shifts occur
+
+
+def test_same_seed_gives_the_same_crop_and_resize_whatever_the_batch():
+    x, s = images(10), seeds(10)
+    full = augment(x, s, GEOMETRY_ON)
+    assert full.shape == (10, 3, 16, 16)
+    for i in range(10):
+        assert torch.equal(augment(x[i : i + 1], s[i : i + 1], GEOMETRY_ON)[0], full[i])
+    assert torch.equal(augment(x.flip(0), s.flip(0), GEOMETRY_ON), full.flip(0))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for result in (augment(x_cl, s, GEOMETRY_ON), eval_transform(x_cl, GEOMETRY_ON)):
+        assert result.shape == (10, 3, 16, 16) and result.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
 # Types, layouts, devices
 
 
@@ -257,7 +303,7 @@ def test_output_type_shape_and_channels_last():
     assert out.dtype == torch.float32 and out.shape == x.shape and out.device == x.device
     assert out.is_contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    for result in (augment(x_cl, seeds(5), ALL_ON), normalize_only(x_cl, ALL_ON)):
+    for result in (augment(x_cl, seeds(5), ALL_ON), eval_transform(x_cl, ALL_ON)):
         assert result.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(augment(x_cl, seeds(5), ALL_ON), out)
 
@@ -298,6 +344,9 @@ def test_defaults_are_valid_and_every_field_is_documented():
         ("contrast", math.inf),
         ("saturation", math.nan),
         ("rotate_degrees", 190.0),
+        ("crop", -1),
+        ("crop_jitter", -2),
+        ("resize", -8),
         ("stain_sigma", 1.5),
         ("stain_bias", -0.01),
         ("std", (0.2, 0.0, 0.2)),

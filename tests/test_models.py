@@ -74,7 +74,7 @@ def test_every_model_gives_its_logits_and_stages_split_its_backbone(name):
         assert model(x).shape == (2, 5)
     # Every backbone parameter is in exactly one stage, so freezing the last stage freezes the whole backbone.
     owners: dict[int, list[str]] = {}
-    for stage, paths in ARCHITECTURES[name].stages.items():
+    for stage, paths in ARCHITECTURES[name].stages_of(ModelConfig(name=name)).items():
         for path in paths:
             for p in model.net.get_submodule(path).parameters():
                 owners.setdefault(id(p), []).append(stage)
@@ -230,7 +230,16 @@ def test_config_problems_name_their_field():
     assert ModelConfig().validate() == []
     assert ModelConfig(name="resnet50", pretrained="IMAGENET1K_V2", freeze="layer3").validate() == []
     (problem,) = ModelConfig(name="resnt18").validate()
-    assert problem.startswith("name: unknown model 'resnt18' (did you mean 'resnet18'?); known: simple_cnn, resnet18")
+    assert problem.startswith(
+        "name: unknown model 'resnt18' (did you mean 'resnet18'?); known: simple_cnn, compact_cnn"
+    )
+    (problem,) = ModelConfig(name="compact_resnet", freeze="stage5").validate()
+    assert (
+        problem
+        == "freeze: compact_resnet has no stage 'stage5'; valid: none, all, stem, stage1, stage2, stage3, stage4"
+    )
+    (problem,) = ModelConfig(name="compact_cnn", depths=(2, 0, 1)).validate()
+    assert problem.startswith("depths: 1 to 8 stages")
     (problem,) = ModelConfig(name="resnet18", freeze="layer5").validate()
     assert problem == "freeze: resnet18 has no stage 'layer5'; valid: none, all, stem, layer1, layer2, layer3, layer4"
     (problem,) = ModelConfig(name="resnet18", pretrained="IMAGENET1K_V2").validate()

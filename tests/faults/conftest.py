@@ -35,14 +35,3 @@ def reference_two(shards, tmp_path_factory) -> Path:
     out = run(train_cmd(shards, run_dir, *TWO_RANKS, ranks=2))
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir
-
-
-@pytest.fixture
-def keep_signal_handlers():
-    """For tests that call `train()` in the pytest process: it installs the preemption handlers."""
-    import signal
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)

@@ -1,0 +1,159 @@
+"""Time budgets: fit a run's length to the wall-clock time it is given (`train.time_budget`).
+
+A run with a budget measures its own speed while it warms up, then plans once how many optimizer
+steps fit, and keeps that plan:
+
+1. During the learning-rate warmup (`schedule.warmup_steps`, at least `MIN_CALIBRATION_STEPS`) it
+   trains as usual; the warmup's learning rates do not depend on the run's length.
+2. At the end of the warmup, rank 0 times the steps it took (after the first quarter of them:
+   start-up, first windows and kernel selection are not throughput) and one evaluation forward
+   pass, and plans: the steps that fit in what is left of the budget once the validations, the
+   final test (with TTA if asked) and a safety margin are paid for. Every rank gets the same plan.
+3. The plan goes into every checkpoint (and `RUN/plan.json`): a resumed run keeps it, so it ends
+   at the same step, with the same schedule, as the uninterrupted run would have.
+
+The budget counts from the start of the training process (`process_age`), so the Python and
+torch imports are in it, as they are in the wall clock of the command.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from histo_dist.errors import HistoDistError
+
+MIN_CALIBRATION_STEPS = 10
+SAFETY_FRACTION = 0.03
+"""Of the budget, kept back for what the plan cannot see: noise in step times, process exit."""
+FIXED_RESERVE_S = 6.0
+"""Seconds kept back for the final test's fixed costs: bootstrap intervals, plots, files, W&B."""
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+class BudgetError(HistoDistError):
+    """A time budget that cannot be met or parsed."""
+
+
+def parse_duration(text: str) -> float:
+    """'300s', '45m', '2h', '1h30m' or a plain number of seconds -> seconds (> 0)."""
+    spec = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", spec):
+        seconds = float(spec)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smh])", spec)
+        if not parts or re.sub(r"\s+", "", "".join(n + u for n, u in parts)) != re.sub(r"\s+", "", spec):
+            raise BudgetError(f"{text!r} is not a duration like 300s, 45m, 2h or 1h30m")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise BudgetError(f"{text!r}: a time budget must be more than 0 seconds")
+    return seconds
+
+
+def now() -> float:
+    """The clock step times are measured with (tests replace it to make plans deterministic)."""
+    return time.perf_counter()
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc on Linux; else since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, after the comm
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+_IMPORTED = time.monotonic()
+
+
+@dataclass
+class Plan:
+    """The length of a budgeted run, fixed once at the end of its warmup."""
+
+    budget_s: float
+    planned_at_step: int
+    total_steps: int
+    elapsed_s: float
+    """Seconds since the process started, when the plan was made."""
+    step_s: float
+    """Measured seconds per optimizer step."""
+    eval_s_per_sample: float
+    """Measured seconds per evaluated sample on one rank (one view; TTA costs 8)."""
+    validations: int
+    """Validations the plan pays for after the warmup (the one after the last step included)."""
+    validation_s: float
+    test_s: float
+    reserve_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return cls(**data)
+
+    def describe(self) -> str:
+        if self.total_steps == self.planned_at_step:
+            return (
+                f"time budget {self.budget_s:.0f} s is spent: {self.elapsed_s:.0f} s gone at step "
+                f"{self.planned_at_step}, and the test needs about {self.test_s + self.reserve_s:.0f} s; "
+                "stopping here (give a larger train.time_budget or fewer schedule.warmup_steps)"
+            )
+        train_s = (self.total_steps - self.planned_at_step) * self.step_s
+        return (
+            f"time budget {self.budget_s:.0f} s: {self.total_steps} optimizer steps "
+            f"({self.elapsed_s:.0f} s spent at step {self.planned_at_step}; {train_s:.0f} s of training at "
+            f"{self.step_s:.3f} s/step, {self.validations} validation(s) x {self.validation_s:.1f} s, "
+            f"test {self.test_s:.1f} s, {self.reserve_s:.0f} s reserve)"
+        )
+
+
+def make_plan(
+    *,
+    budget_s: float,
+    step: int,
+    elapsed_s: float,
+    step_s: float,
+    eval_s_per_sample: float,
+    steps_per_epoch: int,
+    eval_every_steps: int,
+    valid_samples: int,
+    test_samples: int,
+    test_views: int,
+    max_steps: int = 0,
+) -> Plan:
+    """The most optimizer steps that fit: what is left of the budget, minus the validations they bring
+    (at every epoch end, or every `eval_every_steps`, and after the last step), minus the final test
+    (`test_samples`, the threshold's pass over the validation split included, each `test_views` times),
+    minus a reserve. Sample counts are per rank. A pure function of its inputs. A budget already spent
+    gives a plan that ends here (total_steps == step): the run goes straight to its test."""
+    validation_s = valid_samples * eval_s_per_sample
+    test_s = test_samples * test_views * eval_s_per_sample
+    reserve_s = FIXED_RESERVE_S + SAFETY_FRACTION * budget_s
+    available = budget_s - elapsed_s - test_s - reserve_s
+    every = eval_every_steps or steps_per_epoch
+
+    def validations(total: int) -> int:
+        return (total // every - step // every) + (total % every != 0) if valid_samples else 0
+
+    def seconds(total: int) -> float:  # training and validations after the planning step; grows with total
+        return (total - step) * step_s + validations(total) * validation_s
+
+    total, beyond = step, step + math.ceil(max(available, 0) / step_s) + 1  # seconds(beyond) > available
+    while beyond - total > 1:  # the largest total that fits, by bisection
+        middle = (total + beyond) // 2
+        total, beyond = (middle, beyond) if seconds(middle) <= available else (total, middle)
+    if max_steps:
+        total = min(total, max(max_steps, step))
+    return Plan(
+        budget_s, step, total, elapsed_s, step_s, eval_s_per_sample, validations(total), validation_s, test_s, reserve_s
+    )

@@ -1,0 +1,166 @@
+"""Time budgets: the plan is the most steps that fit, a run keeps its plan across a resume (bitwise),
+and every rank follows rank 0's plan."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+
+import histo_dist.budget as budget
+from histo_dist.budget import BudgetError, make_plan, parse_duration
+from tests.runs import ROOT, final_state, make_train_shards, records, run, train_cmd
+
+PLAN = dict(
+    budget_s=300.0,
+    step=20,
+    elapsed_s=30.0,
+    step_s=0.25,
+    eval_s_per_sample=0.001,
+    steps_per_epoch=100,
+    eval_every_steps=0,
+    valid_samples=2500,
+    test_samples=5000,
+    test_views=1,
+)
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("300s", 300), ("45m", 2700), ("2h", 7200), ("1h30m", 5400), ("90", 90), (" 2.5m ", 150)]
+)
+def test_durations_parse(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5 minutes", "0s", "-3m", "1d", "10x", "s", "inf"])
+def test_bad_durations_are_refused_by_name(text):
+    with pytest.raises(BudgetError, match="duration|more than 0"):
+        parse_duration(text)
+
+
+def cost(plan, total: int) -> float:
+    """Seconds a plan of `total` steps takes after the planning step, by the plan's own estimates."""
+    p = dict(PLAN, **plan)
+    every = p["eval_every_steps"] or p["steps_per_epoch"]
+    validations = total // every - p["step"] // every + (total % every != 0)
+    return (total - p["step"]) * p["step_s"] + validations * p["valid_samples"] * p["eval_s_per_sample"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"eval_every_steps": 7},
+        {"test_views": 8},
+        {"step_s": 0.013},
+        {"valid_samples": 0},
+        {"budget_s": 3600.0, "elapsed_s": 500.0},
+    ],
+)
+def test_the_plan_is_the_most_steps_that_fit(change):
+    plan = make_plan(**{**PLAN, **change})
+    p = {**PLAN, **change}
+    available = p["budget_s"] - p["elapsed_s"] - plan.test_s - plan.reserve_s
+    assert plan.test_s == pytest.approx(p["test_samples"] * p["test_views"] * p["eval_s_per_sample"])
+    assert plan.total_steps > p["step"]
+    assert cost(change, plan.total_steps) <= available < cost(change, plan.total_steps + 1)
+    assert plan.validations == (
+        0
+        if not p["valid_samples"]
+        else math.ceil(plan.total_steps / (p["eval_every_steps"] or 100)) - p["step"] // (p["eval_every_steps"] or 100)
+    )
+
+
+def test_a_spent_budget_ends_the_run_at_the_plan_and_says_so():
+    plan = make_plan(**{**PLAN, "elapsed_s": 295.0})
+    assert plan.total_steps == PLAN["step"]
+    assert "is spent" in plan.describe() and "train.time_budget" in plan.describe()
+    assert make_plan(**{**PLAN, "max_steps": 50}).total_steps == 50
+
+
+# ---------------------------------------------------------------------------------------------
+# A budgeted run, in-process with a fake clock (the plan is then the same every time)
+
+BASE = [
+    "loader.batch_size=16",
+    "loader.eval_batch_size=32",
+    "loader.num_workers=0",
+    "loader.shuffle_buffer=64",
+    "train.deterministic=true",
+    "tracking.progress=false",
+    "tracking.wandb=false",
+    "tracking.log_every_steps=2",
+    "schedule.warmup_steps=10",
+    "train.time_budget=40s",
+    "train.eval_every_steps=9",
+    "checkpoint.every_steps=5",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_train_shards(tmp_path_factory.mktemp("budget-shards"))
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Every reading 1 s after the last; the process is 5 s old: a plan of 40 - 5 - reserve seconds."""
+    ticks = itertools.count()
+    monkeypatch.setattr(budget, "now", lambda: float(next(ticks)))
+    monkeypatch.setattr(budget, "process_age", lambda: 5.0)
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
+    shards, tmp_path, monkeypatch, fake_clock, keep_signal_handlers
+):
+    from histo_dist.experiment import load_experiment
+    from histo_dist.preemption import Preempted
+    from histo_dist.train import Trainer, train
+
+    def config():
+        return load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE])
+
+    reference = tmp_path / "reference"
+    train(config(), reference)
+    plan = json.loads((reference / "plan.json").read_text())
+    (logged,) = records(reference, "plan")
+    assert logged["total_steps"] == plan["total_steps"] and plan["planned_at_step"] == 10
+    total = plan["total_steps"]
+    assert 20 < total < 10_000 and final_state(reference)["step"] == total  # it ran to the planned step, not 3 epochs
+    assert final_state(reference)["plan"] == plan
+    lrs = [r["lr"] for r in records(reference, "train")]
+    assert lrs[-1] < 0.05 * max(lrs)  # the cosine ends at the planned step
+
+    # Preempted after the plan; the resumed run (whose clock would give another plan) keeps it.
+    stop_at = 10 + (total - 10) // 2
+    real = Trainer.preempted
+    monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == stop_at or real(self))
+    run_dir = tmp_path / "run"
+    with pytest.raises(Preempted):
+        train(config(), run_dir)
+    monkeypatch.setattr(Trainer, "preempted", real)
+    monkeypatch.setattr(budget, "now", lambda: 0.0)  # a plan made now would differ (or fail)
+    train(config(), run_dir)
+    a, b = final_state(reference), final_state(run_dir)
+    assert a["step"] == b["step"] == total
+    for key in a["model"]:
+        assert a["model"][key].equal(b["model"][key]), key
+
+
+@pytest.mark.slow
+def test_two_ranks_follow_rank_0s_plan(shards, tmp_path):
+    """With real clocks on two processes: the same number of steps on both (a difference would hang DDP)."""
+    run_dir = tmp_path / "run"
+    out = run(
+        train_cmd(
+            shards, run_dir, *BASE, "train.time_budget=120s", "train.max_steps=30", "train.deterministic=false", ranks=2
+        ),
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["total_steps"] == 30 and final_state(run_dir)["step"] == 30
+    assert "time budget 120 s: 30 optimizer steps" in out.stderr
