@@ -396,3 +396,25 @@ def test_help_config_lists_every_value_with_its_default_and_doc(capsys):
     assert "optim.lr: float = 0.001" in optim and "schedule." not in optim and "train." not in optim
     assert main(["train", "--help-config", "optimizer"]) == 2
     assert "did you mean 'optim'" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(capsys, tmp_path):
+    from histo_dist.cli import main
+
+    argv = [
+        "train",
+        "--config",
+        "configs/cpu_test.yaml",
+        "data.shards=/x",
+        "--run-dir",
+        str(tmp_path),
+        "optim.lr=0.25",
+        "--print-config",
+        "train.epochs=7",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "shards: /x" in printed and "lr: 0.25" in printed and "epochs: 7" in printed
+    with pytest.raises(SystemExit):
+        main(["train", "--print-config", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
