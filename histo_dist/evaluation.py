@@ -248,7 +248,15 @@ def predict_split(
 
     from histo_dist.loader import ShardLoader
 
-    loader = ShardLoader(manifest, split, loader_cfg, rank=rank, world_size=world_size, training=False)
+    loader = ShardLoader(
+        manifest,
+        split,
+        loader_cfg,
+        rank=rank,
+        world_size=world_size,
+        training=False,
+        device_type=torch.device(device).type,
+    )
     where = f"{manifest.root}: split {split!r}"
     skipped = 0
 

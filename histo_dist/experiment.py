@@ -90,7 +90,14 @@ class TrainConfig:
     seed: int = 0
     """Seed of data order, augmentation and initialisation."""
     deterministic: bool = False
-    """Use deterministic algorithms only (bitwise-reproducible on CPU; slower on GPUs)."""
+    """Use deterministic algorithms only (bitwise-reproducible on CPU; slower on GPUs, where adaptive pooling is
+    replaced by an equal deterministic form and CUBLAS_WORKSPACE_CONFIG is set)."""
+    sync_batchnorm: bool = False
+    """With several GPU ranks, compute BatchNorm statistics over the global batch (SyncBatchNorm) instead of per
+    rank; then BatchNorm models train as one process with the global batch would. GPUs only."""
+    dist_timeout_s: int = 1800
+    """Seconds a rank waits in a collective (a gradient all-reduce, a barrier while rank 0 writes the test's
+    plots) before the run fails with an error instead of hanging."""
     cpu: bool = False
     """Run on the CPU even when GPUs are present (test mode). Without GPUs the CPU is used anyway."""
     eval_every_steps: int = 0
@@ -106,6 +113,8 @@ class TrainConfig:
         for name in ("epochs", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dist_timeout_s < 1:
+            problems.append(f"dist_timeout_s: must be >= 1, got {self.dist_timeout_s}")
         for name in ("max_steps", "eval_every_steps", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")

@@ -72,7 +72,8 @@ class LoaderConfig:
     prefetch_factor: int = 4
     """Batches each worker prepares ahead."""
     pin_memory: bool = True
-    """Pin batches in page-locked memory when a GPU is present (faster, asynchronous copies)."""
+    """Pin batches in page-locked memory when the run's device is a GPU (faster, asynchronous copies); a CPU run
+    never pins (it would create a CUDA context per rank on a GPU node)."""
     shard_url: str = ""
     """Read shards from elsewhere: a template with {name}, e.g. 'pipe:aws s3 cp s3://bucket/pcam/{name} -' or
     'https://host/pcam/{name}'. Empty reads the files next to the manifest (fast local path)."""
@@ -472,7 +473,8 @@ class ShardLoader:
     Iterating yields dicts with `image` (uint8, N x 3 x H x W, channels_last memory; or the
     transform's output), `label` (int64), `key` (sample keys), `seed` (per-sample augmentation
     seeds) and `skipped` (corrupt samples left out of the batch: always 0 unless `cfg.skip_corrupt`).
-    `transform(images, seeds)`, when given, runs in the loader workers.
+    `transform(images, seeds)`, when given, runs in the loader workers. `device_type` is the device
+    the batches go to (pinned memory only for "cuda").
     """
 
     def __init__(
@@ -486,6 +488,7 @@ class ShardLoader:
         seed: int = 0,
         training: bool = True,
         transform: Callable | None = None,
+        device_type: str = "cpu",
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -495,6 +498,7 @@ class ShardLoader:
         self.batch_size = cfg.batch_size if training else cfg.eval_batch_size
         self.shuffle_buffer = cfg.shuffle_buffer
         self.transform = transform
+        self.pin_memory = cfg.pin_memory and device_type == "cuda"
         self.shard_sizes = [s.num_samples for s in info.shards]
         self.shard_urls = [
             cfg.shard_url.format(name=s.name) if cfg.shard_url else str(manifest.root / s.name) for s in info.shards
@@ -584,7 +588,7 @@ class ShardLoader:
             collate_fn=_as_is,
             worker_init_fn=ignore_in_worker if self.num_workers else None,
             prefetch_factor=self.cfg.prefetch_factor if self.num_workers else None,
-            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
         )
         # Workers are forked with the preemption signals blocked (see preemption.py).
         for batch in start_with_signals_blocked(lambda: iter(loader)) if self.num_workers else loader:

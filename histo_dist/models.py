@@ -295,6 +295,46 @@ class ModelConfig:
 # The model
 
 
+class Head(nn.Sequential):
+    """Dropout and the new Linear layer, computed in float32 even under autocast: bf16 logits have 8 bits
+    of mantissa, so probabilities would come in coarse steps and tie in AUROC and threshold choice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class DeterministicAdaptiveAvgPool2d(nn.Module):
+    """AdaptiveAvgPool2d as two small matrix products: the same averages (the same windows), with a
+    deterministic backward on CUDA, where AdaptiveAvgPool2d's (for outputs other than 1x1) has none."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+    @staticmethod
+    def _weights(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+        """(size_out, size_in): row i averages inputs floor(i * in / out) .. ceil((i + 1) * in / out) - 1."""
+        weights = torch.zeros(size_out, size_in, dtype=like.dtype, device=like.device)
+        for i in range(size_out):
+            start, stop = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+            weights[i, start:stop] = 1.0 / (stop - start)
+        return weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_h, out_w = (o or s for o, s in zip(self.output_size, x.shape[-2:]))
+        rows, cols = self._weights(x.shape[-2], out_h, x), self._weights(x.shape[-1], out_w, x)
+        return torch.einsum("oh,nchw,pw->ncop", rows, x, cols)
+
+
+def make_deterministic(model: nn.Module) -> nn.Module:
+    """Replace the adaptive average pools that have no deterministic CUDA backward (all but 1x1 outputs)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
+            model.set_submodule(name, DeterministicAdaptiveAvgPool2d(module.output_size))
+    return model
+
+
 class Classifier(nn.Module):
     """A registry network with its new head; `train()` keeps frozen batch norms in eval mode."""
 
@@ -342,7 +382,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     net = arch.build(cfg)
     old_head = net.get_submodule(arch.head)
     net.set_submodule(
-        arch.head, nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes)))
+        arch.head, Head(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes)))
     )
     if cfg.pretrained:
         _load_backbone(net, cfg.name, cfg.pretrained)

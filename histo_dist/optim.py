@@ -155,10 +155,18 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over `param_groups(model, cfg)`; build it before `accelerator.prepare`."""
+    """The configured optimizer over `param_groups(model, cfg)`; build it before `accelerator.prepare`.
+
+    backbone_lr_scale 0 freezes the backbone (requires_grad False, its BatchNorms in eval mode), as
+    `model.freeze=all` does: left out of the optimizer but still taking gradients, it would pile them up
+    (zero_grad clears only the optimizer's), all-reduce them and count them in gradient clipping."""
     problems = cfg.validate()
     if problems:
         raise ConfigError(problems, "optim config")
+    if cfg.backbone_lr_scale == 0 and hasattr(model, "backbone_parameters"):
+        for p in model.backbone_parameters():
+            p.requires_grad_(False)
+        model.train(model.training)  # (Classifier.train puts frozen BatchNorms in eval mode)
     groups = param_groups(model, cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)

@@ -15,9 +15,11 @@ the test split exactly as `histo-dist evaluate` would (evaluation.py), into RUN/
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ from histo_dist.augment import AugmentConfig, augment, eval_transform
 from histo_dist.budget import Plan, make_plan, parse_duration
 from histo_dist.checkpoint import Checkpointer, model_weights, read_training_checkpoint
 from histo_dist.config import to_dict
+from histo_dist.ema import EMA, broadcast_buffers
 from histo_dist.errors import HistoDistError
 from histo_dist.evaluation import evaluate_split, scalars, validate_split, write_evaluation
 from histo_dist.experiment import ExperimentConfig, load_experiment
@@ -38,7 +41,7 @@ from histo_dist.inference import InferenceModel
 from histo_dist.loader import ShardLoader
 from histo_dist.manifest import Manifest
 from histo_dist.metrics import is_better
-from histo_dist.models import build_model
+from histo_dist.models import build_model, make_deterministic
 from histo_dist.optim import LRSchedule, build_optimizer
 from histo_dist.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from histo_dist.rundir import default_run_dir, provenance, write_run_files
@@ -52,10 +55,10 @@ class NonFiniteLossError(HistoDistError):
     """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    """Seed for the torch RNG at a given step (dropout, etc.): a resumed run draws the same numbers
-    on every rank without saving RNG states."""
-    return (seed * 1_000_003 + rank * 7919 + step * 104_729) % (2**63)
+def _step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """Seed for the torch RNG of a micro-batch (dropout, etc.): a resumed run draws the same numbers on
+    every rank without saving RNG states, and the micro-batches of an accumulated step draw different ones."""
+    return (seed * 1_000_003 + rank * 7919 + step * 104_729 + micro * 15_485_863) % (2**63)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -124,17 +127,20 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, accelerator=None):
         from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin
+        from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
         self.cfg, self.run_dir = cfg, run_dir
         t = cfg.train
         if t.deterministic:
+            # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         use_cpu = t.cpu or not torch.cuda.is_available()
         self.accelerator = accelerator or Accelerator(
             cpu=use_cpu,
             mixed_precision=resolve_precision(t.mixed_precision, use_cpu),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s))],
             # Our loaders are not `prepare`d, so accumulation syncs every k micro-batches, never on a
             # dataloader end it cannot see; epochs are cut to multiples of k below.
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -149,6 +155,12 @@ class Trainer:
         # Data: one loader per rank and split, straight from the shards.
         self.manifest = Manifest.load(cfg.data.shards)
         self.num_classes = self.manifest.num_classes
+        height, width = self.manifest.image_shape[:2]
+        if cfg.augment.crop > min(height, width):
+            raise HistoDistError(
+                f"augment.crop={cfg.augment.crop} does not fit the {width}x{height} patches of "
+                f"{cfg.data.shards}; give at most {min(height, width)}, or 0 for the whole patch"
+            )
         worker_aug = cfg.augment.enabled and cfg.augment.where == "worker"
         self.train_loader = ShardLoader(
             self.manifest,
@@ -159,6 +171,7 @@ class Trainer:
             seed=t.seed,
             training=True,
             transform=_WorkerAugment(cfg.augment) if worker_aug else None,
+            device_type=self.device.type,
         )
         self.micro_per_epoch = len(self.train_loader) // t.grad_accum_steps * t.grad_accum_steps
         self.steps_per_epoch = self.micro_per_epoch // t.grad_accum_steps
@@ -182,20 +195,26 @@ class Trainer:
         # Model, optimizer, schedule. The schedule is NOT passed through `prepare`: Accelerate
         # would step it once per process per optimizer step.
         model = build_model(cfg.model, self.num_classes)
+        if t.deterministic and self.device.type == "cuda":
+            model = make_deterministic(model)
+        if t.sync_batchnorm and self.world_size > 1:
+            if self.device.type != "cuda":
+                raise HistoDistError(
+                    "train.sync_batchnorm: SyncBatchNorm runs on GPUs only; on CPU ranks each rank keeps its own "
+                    "BatchNorm statistics (docs/architecture.md says what that means); set it to false"
+                )
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, cfg.optim)
         self.schedule = LRSchedule(optimizer, cfg.schedule, schedule_steps)
-        if t.compile:
-            model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.ema = None
-        if t.ema_decay > 0:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(
-                acc.unwrap_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
-            )
+        # Compiled after DDP wraps it (so communication overlaps the backward); checkpoints, EMA and
+        # evaluation use the plain module (`self.module`), so the keys never carry _orig_mod.
+        self.module = acc.unwrap_model(self.model)
+        if t.compile:
+            self.model = torch.compile(self.model)
+        self.ema = EMA(self.module, t.ema_decay) if t.ema_decay > 0 else None
         if self.num_classes == 2:
             self.loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(cfg.loss.pos_weight, device=self.device))
         else:
@@ -205,7 +224,10 @@ class Trainer:
         self.validator = Validator(cfg.data.valid_split, t.eval_every_steps, t.best_metric, t.early_stopping_patience)
         self.step = 0  # optimizer steps done
         self.skipped_samples = 0  # corrupt training samples skipped over the run, all ranks (loader.skip_corrupt)
-        self._pending_losses: list[tuple[int, torch.Tensor]] = []
+        self._pending_losses: list[tuple[int, torch.Tensor]] = []  # (step, [loss, accuracy]) on the device
+        self._pending_skipped = 0  # corrupt samples this rank skipped since the last flush (host)
+        self._scaler_skipped: set[int] = set()  # steps whose update fp16's gradient scaler skipped (inf/NaN)
+        self._micro = 0  # micro-batch within the current optimizer step
         self.preemption = PreemptionFlag()
         self._timing: tuple[int, float] | None = None  # (step, time) where the budget's step timing starts
         self._resumed_at = 0
@@ -235,7 +257,7 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> bool:
         """Forward and backward on one micro-batch; steps the optimizer every k-th. True if it did."""
         acc = self.accelerator
-        torch.manual_seed(_step_seed(self.cfg.train.seed, self.rank, self.step))
+        torch.manual_seed(_step_seed(self.cfg.train.seed, self.rank, self.step, self._micro))
         images, labels = self.prepare_inputs(batch)
         self.model.train()
         with acc.accumulate(self.model):
@@ -252,13 +274,20 @@ class Trainer:
         with torch.no_grad():
             predicted = (logits.reshape(-1) > 0).long() if self.num_classes == 2 else logits.argmax(1)
             accuracy = (predicted == labels).float().mean() if len(labels) else torch.zeros((), device=self.device)
-            skipped = loss.new_tensor(float(batch.get("skipped", 0)), dtype=torch.float32)
-        self._pending_losses.append((self.step + 1, torch.stack([loss.detach().float(), accuracy, skipped])))
+        self._pending_losses.append((self.step + 1, torch.stack([loss.detach().float(), accuracy])))
+        self._pending_skipped += batch.get("skipped", 0)
         if not acc.sync_gradients:
+            self._micro += 1
             return False
-        self.schedule.after_optimizer_step()
-        if self.ema is not None:
-            self.ema.update_parameters(acc.unwrap_model(self.model))
+        self._micro = 0
+        # fp16: Accelerate has read the gradient scaler (a sync it makes anyway); a skipped update moves neither
+        # the schedule nor the average, and its inf/NaN loss is the scaler's business, not an error.
+        if self.optimizer.step_was_skipped:
+            self._scaler_skipped.add(self.step + 1)
+        else:
+            self.schedule.after_optimizer_step()
+            if self.ema is not None:
+                self.ema.update(self.module)
         self.step += 1
         return True
 
@@ -269,27 +298,33 @@ class Trainer:
         if not self._pending_losses:
             return float("nan"), float("nan")
         steps = [s for s, _ in self._pending_losses]
-        sums = self.accelerator.reduce(torch.stack([v for _, v in self._pending_losses]), "sum").cpu()
+        values = torch.stack([v for _, v in self._pending_losses]).flatten()
+        skipped = torch.tensor([float(self._pending_skipped)], device=values.device)  # one host-device copy
+        sums = self.accelerator.reduce(torch.cat([values, skipped]), "sum").cpu()  # the sync point
         self._pending_losses.clear()
-        losses, accuracies = sums[:, 0] / self.world_size, sums[:, 1] / self.world_size
-        self.skipped_samples += round(float(sums[:, 2].sum()))
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            step = steps[int(bad[0])]
+        self._pending_skipped = 0
+        self.skipped_samples += round(float(sums[-1]))
+        losses, accuracies = (sums[:-1].view(-1, 2) / self.world_size).unbind(1)
+        bad = [
+            i for i in (~torch.isfinite(losses)).nonzero().flatten().tolist() if steps[i] not in self._scaler_skipped
+        ]
+        self._scaler_skipped.clear()
+        if bad:
+            step = steps[bad[0]]
             last = self.checkpointer.newest_valid()
             raise NonFiniteLossError(
-                f"loss is {losses[int(bad[0])].item()} at optimizer step {step}: stopping. "
+                f"loss is {losses[bad[0]].item()} at optimizer step {step}: stopping. "
                 f"Last good checkpoint: {last or 'none yet'} (lower optim.lr, enable train.clip_grad_norm, "
                 "or check the data)"
             )
-        return float(losses.mean()), float(accuracies.mean())
+        finite = torch.isfinite(losses)
+        return float(losses[finite].mean()), float(accuracies[finite].mean())
 
     # -- evaluation --------------------------------------------------------------------------------
     def inference_model(self) -> InferenceModel:
         """The weights to evaluate (the EMA average when kept), as evaluation.py takes them: the plain
         module, not the DDP wrapper (no buffer broadcast per forward, no collective a rank could miss)."""
-        module = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
-        module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper shares the parameters
+        module = self.ema.module if self.ema is not None else self.module
         return InferenceModel(
             module,
             self.num_classes,
@@ -302,11 +337,17 @@ class Trainer:
             step=self.step,
         )
 
+    def sync_eval_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics of the evaluated weights (a collective): each rank's
+        own come from its own batches, and rank 0's are the ones a checkpoint keeps."""
+        broadcast_buffers(self.ema.module if self.ema is not None else self.module, self.world_size)
+
     def _where(self) -> dict[str, Any]:
         return dict(rank=self.rank, world_size=self.world_size, device=self.device, autocast=self.accelerator.autocast)
 
     def valid_metrics(self) -> dict[str, Any]:
         """Metrics of the current weights on the validation split (every rank calls this; all get them)."""
+        self.sync_eval_buffers()
         return validate_split(
             self.inference_model(), self.manifest, self.validator.split, self.cfg.loader, **self._where()
         )
@@ -344,7 +385,7 @@ class Trainer:
         state = read_training_checkpoint(checkpoint)
         weights, which = model_weights(state, "auto", checkpoint)
         model = self.inference_model()
-        model.model.load_state_dict(weights)
+        model.model.load_state_dict(weights)  # rank 0's checkpoint: its buffers on every rank
         model.step = int(state["step"])
         info = {
             "checkpoint": str(checkpoint),
@@ -459,7 +500,7 @@ class Trainer:
         acc = self.accelerator
         state = {
             "step": self.step,
-            "model": acc.unwrap_model(self.model).state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "loader": self.train_loader.state_dict(),
@@ -491,7 +532,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = read_training_checkpoint(path)  # to CPU; load_state_dict copies onto the device
         acc = self.accelerator
-        acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         loader_state = dict(state["loader"], rank=self.rank)  # rank 0 saved it; positions are shared
@@ -521,8 +562,8 @@ class Trainer:
         )
 
     def preempted(self) -> bool:
-        """True on every rank when any rank got a preemption signal. With several ranks this is a
-        tiny all-reduce (a sync point) once per optimizer step, so all ranks stop at the same step."""
+        """True on every rank when any rank got a preemption signal. With several ranks this is a tiny
+        all-reduce (a sync point), so that all ranks stop at the same step."""
         flag = self.preemption.signal is not None
         if self.world_size == 1:
             return flag
@@ -584,13 +625,17 @@ class Trainer:
                 last_step = self.step >= self.total_steps
                 validated = self.validator.due(self.step, end_of_epoch=end_of_epoch, last_step=last_step)
                 is_best = validated and self.validate(run_log, epoch)
-                if self.checkpointer.due(
+                saved = self.checkpointer.due(
                     self.step, end_of_epoch=end_of_epoch, validated=validated, last_step=last_step
-                ):
+                )
+                if saved:
                     self.save_checkpoint(is_best)
                 # Only after this step's validation and checkpoint: a run preempted between a step and
                 # its validation would resume past that validation, and could pick another best checkpoint.
-                if self.preempted():
+                # With several ranks, agreeing on it is a collective (a GPU sync point), so it is asked at
+                # the steps that sync anyway: logging, checkpoints (after validations and the last step).
+                ask = self.world_size == 1 or saved or self.step % self.cfg.tracking.log_every_steps == 0
+                if ask and self.preempted():
                     if self.checkpointer.last_saved_step != self.step:
                         self.save_checkpoint()
                     self.preemption.ignore()

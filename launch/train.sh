@@ -108,6 +108,11 @@ else
         export ACCELERATE_USE_CPU=1
         CONFIG_FILE="$HERE/accelerate/cpu_multi.yaml"
     fi
+    # torchrun reads PET_SIGNALS_TO_HANDLE (--signals-to-handle) since torch 2.10; older ones never forward SIGUSR1.
+    if ! "$PYTHON" -c 'import sys; from importlib.metadata import version
+sys.exit(tuple(int(p) for p in version("torch").split("+")[0].split(".")[:2]) < (2, 10))' 2>/dev/null; then
+        echo "launch/train.sh: warning: this torch's launcher does not forward SIGUSR1 to the ranks (that needs torch >= 2.10): a time-limit signal will not checkpoint; SIGTERM still does" >&2
+    fi
     export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}"
     read -r -a EXTRA <<<"${ACCELERATE_EXTRA_ARGS:-}"

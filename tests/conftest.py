@@ -25,3 +25,15 @@ def keep_signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: without it they are skipped (and shown as skipped), never failed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -317,7 +317,7 @@ def test_bad_inputs_are_refused():
         augment(images(2)[..., :20], seeds(2), ALL_ON)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_cpu_and_is_batch_independent():
     x, s = images(16), seeds(16)
     on_gpu = augment(x.cuda(), s.cuda(), ALL_ON)

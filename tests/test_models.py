@@ -255,3 +255,17 @@ def test_config_problems_name_their_field():
     assert [p.split(":")[0] for p in error.value.problems] == ["dropout", "freeze"]
     with pytest.raises(ConfigError, match="freeze: convnext_tiny has no stage"):
         build_model(ModelConfig(name="convnext_tiny", freeze="layer1"), 2)
+
+
+@pytest.mark.parametrize("name", ["compact_cnn", "compact_resnet"])
+def test_compact_models_take_any_patch_size_and_scale_with_width_and_depth(name):
+    small = build_model(ModelConfig(name=name, width=8, depths=(1, 1)), 2)
+    large = build_model(ModelConfig(name=name, width=16, depths=(2, 2, 2)), 2)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(large) > 4 * count(small)
+    with torch.no_grad():
+        for size in (32, 48, 64, 96):
+            assert large.eval()(torch.randn(3, 3, size, size)).shape == (3, 1)
+    frozen = build_model(ModelConfig(name=name, width=8, depths=(1, 1), freeze="stage1"), 2)
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("net.stages.1", "net.fc")) for n in trainable), trainable

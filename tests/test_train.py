@@ -309,3 +309,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(shard
     state = load_checkpoint(saved)
     assert state["step"] <= 6
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_mixed_precision_auto_is_bf16_only_where_it_is_native(monkeypatch, caplog):
+    import histo_dist.train as t
+
+    assert t.resolve_precision("fp16", cpu=True) == "fp16"  # an explicit choice is kept
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(t, "cpu_has_native_bf16", lambda native=native: native)
+        with caplog.at_level("INFO"):
+            assert t.resolve_precision("auto", cpu=True) == expected
+        assert f"train.mixed_precision=auto: {expected}" in caplog.text
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    monkeypatch.undo()
+    assert t.cpu_has_native_bf16() == (" avx512_bf16" in flags or " amx_bf16" in flags)
