@@ -71,7 +71,7 @@ def main() -> int:
         print("SKIP: no CUDA device here (torch.cuda.is_available() is False); nothing was checked")
         return 0
     cuda = args.device == "cuda"
-    cpu = ["train.cpu=true"] if not cuda else []
+    cpu = ["train.cpu=true", "model.name=compact_cnn"] if not cuda else []  # (a CPU runs the plumbing, small)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     if not cuda:
         env["ACCELERATE_USE_CPU"] = "1"
@@ -218,19 +218,17 @@ def main() -> int:
         from histo_dist.experiment import load_experiment
         from histo_dist.train import Trainer
 
-        cfg = load_experiment(
-            ROOT / "configs/pcam_resnet18_gpu.yaml",
-            [
-                f"data.shards={shards}",
-                f"model.name={name}",
-                f"loader.batch_size={batch}",
-                "tracking.wandb=false",
-                "train.mixed_precision=bf16",
-                "augment.where=device",
-                "loader.num_workers=4",
-                *cpu,
-            ],
-        )
+        overrides = [
+            f"data.shards={shards}",
+            "tracking.wandb=false",
+            "train.mixed_precision=bf16",
+            "augment.where=device",
+            "loader.num_workers=4",
+            *cpu,
+            f"model.name={name}",
+            f"loader.batch_size={batch}",
+        ]
+        cfg = load_experiment(ROOT / "configs/pcam_resnet18_gpu.yaml", overrides)
         return Trainer(cfg, work / f"bench-{name}", accelerator=trainer_cache.get("acc"))
 
     @check("host-device syncs per optimizer step (bf16, no logging step)")
@@ -259,7 +257,8 @@ def main() -> int:
     @check("training images/s at 96 px (bf16, channels_last) and the loader's share of step time")
     def _():
         figures = []
-        for name, batch in (("resnet18", 256), ("resnet50", 256), ("compact_cnn", 256)):
+        models = (("resnet18", 256), ("resnet50", 256), ("compact_cnn", 256)) if cuda else (("compact_cnn", 64),)
+        for name, batch in models:
             t = trainer(name, batch)
             trainer_cache.setdefault("acc", t.accelerator)
             loader = iter(t.train_loader)
