@@ -215,7 +215,7 @@ def predict_batches(
     )
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` on every rank (objects: the parts differ in size from rank to rank)."""
     import torch.distributed as dist
 
@@ -288,7 +288,7 @@ def predict_split(
             progress=lambda n: bar.update(n * world_size),
         )
     mine.skipped = skipped
-    parts = _all_gather(mine)
+    parts = gather_objects(mine)
     keys = [k for p in parts for k in p.keys]
     skipped = sum(p.skipped for p in parts)
     expected = manifest.split(split).num_samples

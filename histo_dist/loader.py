@@ -1,29 +1,27 @@
 """Per-rank streaming loaders over WebDataset shards: exact epochs, exact resume, equal steps.
 
-How an epoch is laid out (all of it a pure function of plain values, see `worker_plan`):
+How an epoch is laid out (all of it a pure function of plain values, from the manifest alone):
 
 1. The epoch's *stream* is the split's shards concatenated, in an order drawn from (seed, epoch)
    for training (the same on every rank: no communication needed) and in manifest order for
-   evaluation. Sample counts come from the manifest, so every rank knows the whole layout.
-2. Training: each rank takes a contiguous slice of `N // world_size` samples of the stream, of
-   which it uses `steps * batch_size` (steps = that // batch_size, the same on every rank: DDP never
-   waits on a rank that ran out). Its batches are dealt to its loader workers in turn; each worker
-   reads one contiguous range, so slices may start or end inside a shard and every worker gets
-   work whatever the number of shards (no "shards >= ranks x workers" rule, no empty worker).
-   A worker's range is cut into shuffle windows of whole segments (at least `shuffle_buffer`
-   samples each); a window's shards are memory-mapped and indexed, its samples permuted from
-   (seed, epoch, rank, worker, window), and batches are copied straight out of the mappings: one
-   copy per image, no per-sample buffer. The stream itself was shuffled at conversion time and its
-   shard order changes every epoch, so a window mixes samples from all over the source.
+   evaluation.
+2. Training (`TrainOrder`): the stream is cut into shuffle windows of whole shards (at least
+   `shuffle_buffer` samples each), and each window's samples are permuted from (seed, epoch,
+   window). That is the epoch's global sample order: it depends on the data, the seed, the epoch
+   and shuffle_buffer, never on the number of ranks or loader workers. Global step s trains on
+   global positions [s * B, (s + 1) * B), B the global batch (batch_size x accumulation x ranks);
+   rank r takes the r-th slice of it, cut into its accumulation micro-batches. Every rank takes
+   N // B steps per epoch. A rank's micro-batches are dealt to its loader workers in turn; a worker
+   maps the shards of the windows its micro-batches come from and copies their images straight out
+   of the mappings: one copy per image, no per-sample buffer.
 3. Evaluation: ranks and then workers take contiguous ranges that partition the split exactly:
    every sample is read once, no padding duplicates. Each worker checks that its shards hold what
    the manifest says; a mismatch is an error, never a silent short count.
-4. Resume: the state is (epoch, batches consumed). A worker recomputes its plan and skips the
-   batches already consumed without copying them (whole windows before the resume point are not
-   even read), and workers are rotated so that PyTorch's
-   round-robin over workers resumes at the right one: the next batches are exactly those an
-   uninterrupted run would have produced. Resuming needs the same world size, workers, batch size,
-   seed and shuffle_buffer; `load_state_dict` refuses anything else.
+4. Resume: the state is (epoch, global samples consumed), with the global batch, seed and
+   shuffle_buffer it needs. Any number of ranks and workers continues it (elastic resume): the
+   rest of the epoch is exactly the samples not yet consumed, each once, spread over the new ranks,
+   provided the global batch is the same (the trainer adjusts the accumulation to keep it). Workers
+   are rotated so that PyTorch's round-robin over workers resumes at the right one.
 
 Corrupt data stops the loader with a `ShardError` naming shard and key. With `skip_corrupt`, a
 sample that cannot be decoded or lacks its label, and the samples lost where a shard's tar breaks
@@ -33,8 +31,8 @@ match the manifest (an intact tar with fewer or more samples, samples of another
 error either way.
 
 Per-sample augmentation seeds come from (seed, epoch, position in the epoch's stream), so a resumed
-run augments every sample the same way. Loaders are built per rank and do *not* go through
-`accelerator.prepare` (that would make rank 0 read everything and broadcast it).
+run augments every sample the same way, on any number of ranks. Loaders are built per rank and do
+*not* go through `accelerator.prepare` (that would make rank 0 read everything and broadcast it).
 """
 
 from __future__ import annotations
@@ -114,8 +112,6 @@ class Segment:
 @dataclass(frozen=True)
 class WorkerPlan:
     segments: tuple[Segment, ...]
-    num_batches: int
-    batch_size: int
     num_samples: int
 
 
@@ -133,51 +129,29 @@ def _split_evenly(total: int, parts: int, index: int) -> tuple[int, int]:
     return start, start + base + (index < extra)
 
 
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Training batches per rank per epoch: the same on every rank."""
-    return (num_samples // world_size) // batch_size
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Optimizer steps per training epoch: the same on every rank, whatever the number of ranks."""
+    return num_samples // global_batch
 
 
-def worker_plan(
-    shard_sizes: list[int],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    worker: int,
-    batch_size: int,
-    training: bool,
-) -> WorkerPlan:
-    """What worker `worker` of rank `rank` reads in `epoch` (num_workers counts loader workers; 0 -> 1)."""
-    workers = max(num_workers, 1)
-    order = shard_order(len(shard_sizes), seed, epoch, training)
-    sizes = np.asarray(shard_sizes, dtype=np.int64)[order]
-    total = int(sizes.sum())
-    if training:
-        steps = steps_per_epoch(total, world_size, batch_size)
-        rank_start = rank * (total // world_size)
-        first_batch, end_batch = _split_evenly(steps, workers, worker)
-        start, stop = rank_start + first_batch * batch_size, rank_start + end_batch * batch_size
-        num_batches = end_batch - first_batch
-    else:
-        rank_start, rank_stop = _split_evenly(total, world_size, rank)
-        a, b = _split_evenly(rank_stop - rank_start, workers, worker)
-        start, stop = rank_start + a, rank_start + b
-        num_batches = -(-(stop - start) // batch_size)
-    # Map the stream range [start, stop) onto shards.
+def eval_plan(shard_sizes: list[int], *, rank: int, world_size: int, num_workers: int, worker: int) -> WorkerPlan:
+    """What worker `worker` of rank `rank` reads of an evaluation split (num_workers counts loader workers;
+    0 -> 1): contiguous ranges, ranks then workers, that partition the split exactly."""
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    rank_start, rank_stop = _split_evenly(int(sizes.sum()), world_size, rank)
+    a, b = _split_evenly(rank_stop - rank_start, max(num_workers, 1), worker)
+    start, stop = rank_start + a, rank_start + b
     ends = np.cumsum(sizes)
     segments = []
     i = bisect.bisect_right(ends.tolist(), start)
     pos = start
-    while pos < stop:
+    while pos < stop:  # map the stream range [start, stop) onto shards
         shard_start = int(ends[i] - sizes[i])
         seg_stop = min(stop, int(ends[i]))
-        segments.append(Segment(int(order[i]), pos - shard_start, seg_stop - shard_start, pos))
+        segments.append(Segment(i, pos - shard_start, seg_stop - shard_start, pos))
         pos = seg_stop
         i += 1
-    return WorkerPlan(tuple(segments), num_batches, batch_size, stop - start)
+    return WorkerPlan(tuple(segments), stop - start)
 
 
 def augmentation_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
@@ -194,6 +168,58 @@ def augmentation_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarr
     return (z >> np.uint64(1)).astype(np.int64)
 
 
+class TrainOrder:
+    """The global sample order of a training epoch: shuffle windows of whole shards over the epoch's
+    stream, each permuted from (seed, epoch, window). `refs(lo, hi)` says where global positions
+    [lo, hi) are; window permutations are drawn when first needed (a resume never draws the ones before)."""
+
+    def __init__(self, shard_sizes: list[int], seed: int, epoch: int, window: int):
+        self.seed, self.epoch = seed, epoch
+        self.order = shard_order(len(shard_sizes), seed, epoch, training=True)
+        sizes = np.asarray(shard_sizes, dtype=np.int64)[self.order]
+        self.shard_ends = np.cumsum(sizes)  # stream position where each ordered shard ends
+        self.shard_starts = self.shard_ends - sizes
+        self.stream_start = dict(zip(self.order.tolist(), self.shard_starts.tolist()))  # manifest shard -> start
+        ends, size = [], 0
+        for end, n in zip(self.shard_ends.tolist(), sizes.tolist()):
+            size += n
+            if size >= max(window, 1):
+                ends.append(end)
+                size = 0
+        if size:
+            ends.append(int(self.shard_ends[-1]))
+        self.window_ends = np.asarray(ends, dtype=np.int64)
+        self.window_starts = np.concatenate([[0], self.window_ends[:-1]]).astype(np.int64)
+        self.shuffle = window > 1
+        self._perms: dict[int, np.ndarray] = {}
+
+    def window_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.window_ends, positions, side="right")
+
+    def _perm(self, window: int) -> np.ndarray:
+        if window not in self._perms:
+            size = int(self.window_ends[window] - self.window_starts[window])
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, window, 0xB0F]))
+            self._perms[window] = rng.permutation(size) if self.shuffle else np.arange(size)
+        return self._perms[window]
+
+    def refs(self, lo: int, hi: int) -> np.ndarray:
+        """(manifest shard index, row in the shard, stream position) of global positions [lo, hi)."""
+        g = np.arange(lo, hi, dtype=np.int64)
+        windows = self.window_of(g)
+        stream = np.empty_like(g)
+        for w in np.unique(windows).tolist():
+            mine = windows == w
+            start = self.window_starts[w]
+            stream[mine] = start + self._perm(w)[g[mine] - start]
+        j = np.searchsorted(self.shard_ends, stream, side="right")  # the ordered shard holding each
+        return np.stack([self.order[j], stream - self.shard_starts[j], stream], axis=1)
+
+    def forget_windows_before(self, window: int) -> None:
+        for w in [w for w in self._perms if w < window]:
+            del self._perms[w]
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading: one worker's plan -> batches
 
@@ -207,6 +233,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
         self.codec, self.shape, self.num_classes = loader.codec, loader.shape, loader.num_classes
         self.rank, self.world_size, self.seed = loader.rank, loader.world_size, loader.seed
         self.training, self.batch_size, self.buffer = loader.training, loader.batch_size, loader.shuffle_buffer
+        self.accumulation, self.global_batch = loader.accumulation, loader.global_batch
         self.transform = loader.transform
         self.split, self.skip_corrupt = loader.split, loader.cfg.skip_corrupt
         self.epoch, self.start_batch, self.num_workers = epoch, start_batch, num_workers
@@ -222,62 +249,60 @@ class _EpochStream(torch.utils.data.IterableDataset):
             # the error over as data instead: the training process raises it with the message alone.
             yield _WorkerError(str(e))
 
-    def _batches(self, info) -> Iterator[dict[str, Any]]:
-        workers = max(self.num_workers, 1)
-        physical = info.id if info is not None else 0
+    def _worker(self, info) -> int:
+        """This worker's place in the round-robin: DataLoader's starts at worker 0, so workers are rotated
+        to resume at the one that produces batch `start_batch` (batch b of an epoch comes from worker b % n)."""
         if info is not None:
             torch.set_num_threads(1)  # workers share the cores with the training process
-        # Rotate so that DataLoader's round-robin, which starts at worker 0, resumes at the worker
-        # that produces batch `start_batch` (batch b of an epoch comes from worker b % workers).
-        worker = (physical + self.start_batch) % workers
-        plan = worker_plan(
+        return ((info.id if info is not None else 0) + self.start_batch) % max(self.num_workers, 1)
+
+    def _batches(self, info) -> Iterator[dict[str, Any]]:
+        return self._train_batches(info) if self.training else self._eval_batches(info)
+
+    def _train_batches(self, info) -> Iterator[dict[str, Any]]:
+        """This worker's micro-batches: those of the rank's sequence it is dealt, each a slice of a global
+        step (see the module docstring); shards stay mapped while the windows they belong to are in use."""
+        workers, worker = max(self.num_workers, 1), self._worker(info)
+        order = TrainOrder(self.shard_sizes, self.seed, self.epoch, self.buffer)
+        per_rank = self.batch_size * self.accumulation
+        opened: dict[int, _OpenShard] = {}  # manifest shard index -> its open shard
+        last_window: dict[int, int] = {}  # manifest shard index -> the last window a batch used it in
+        total = (sum(self.shard_sizes) // self.global_batch) * self.accumulation
+        first = self.start_batch + (worker - self.start_batch) % workers  # this worker's first batch to make
+        for batch in range(first, total, workers):
+            step, micro = divmod(batch, self.accumulation)
+            lo = step * self.global_batch + self.rank * per_rank + micro * self.batch_size
+            refs = order.refs(lo, lo + self.batch_size)
+            for shard, window in zip(refs[:, 0].tolist(), order.window_of(refs[:, 2]).tolist()):
+                if shard not in opened:
+                    opened[shard] = self._open(Segment(shard, 0, self.shard_sizes[shard], order.stream_start[shard]))
+                last_window[shard] = max(last_window.get(shard, -1), window)
+            yield self._collate(refs, opened)
+            current = int(order.window_of(np.asarray([lo]))[0])
+            for shard in [s for s, w in last_window.items() if w < current]:
+                del opened[shard], last_window[shard]  # the last view of a shard's mapping goes: it is unmapped
+            order.forget_windows_before(current)
+
+    def _eval_batches(self, info) -> Iterator[dict[str, Any]]:
+        """This worker's contiguous range of the split, in stream order, cut into batches across shards."""
+        plan = eval_plan(
             self.shard_sizes,
-            seed=self.seed,
-            epoch=self.epoch,
             rank=self.rank,
             world_size=self.world_size,
             num_workers=self.num_workers,
-            worker=worker,
-            batch_size=self.batch_size,
-            training=self.training,
+            worker=self._worker(info),
         )
-        skip = self.start_batch // workers + (worker < self.start_batch % workers)
-        skip_samples = skip * self.batch_size
         opened: dict[int, _OpenShard] = {}  # segment number -> its shard, while batches still need it
-        pending: list[np.ndarray] = []  # (segment, row in shard, stream position) of samples not yet batched
-        read = batched = 0  # samples of this worker's stream put in a window / cut into batches
-        for window, segments in enumerate(_windows(plan.segments, self.buffer if self.training else 0)):
-            start = read
-            read += sum(plan.segments[j].stop - plan.segments[j].start for j in segments)
-            if read <= skip_samples:  # resuming past this whole window: never read it
-                continue
-            if start > batched + sum(map(len, pending)):  # windows were skipped: cut batches where they fall
-                batched = start // self.batch_size * self.batch_size
-                pending = [np.full((start - batched, 3), -1, dtype=np.int64)]  # the head of a skipped batch
-            for j in segments:
-                opened[j] = self._open(plan.segments[j])
-            refs = np.concatenate([_segment_refs(j, plan.segments[j]) for j in segments])
-            if self.training and self.buffer > 1:
-                # A new order over the window's samples, from (seed, epoch, rank, worker, window): a
-                # window can be skipped (resume) without drawing its numbers.
-                rng = np.random.default_rng(
-                    np.random.SeedSequence([self.seed, self.epoch, self.rank, worker, window, 0xB0F])
-                )
-                refs = refs[rng.permutation(len(refs))]
-            pending.append(refs)
-            while read - batched >= self.batch_size or (read == plan.num_samples and read > batched):
-                refs = np.concatenate(pending)
-                batch, pending = refs[: self.batch_size], [refs[self.batch_size :]]
-                if batched >= skip_samples:  # batches before the resume point are cut, not gathered
-                    yield self._collate(batch, opened)
-                batched += len(batch)
-            still_needed = set(np.concatenate(pending)[:, 0].tolist())
-            for j in [j for j in opened if j not in still_needed]:
-                del opened[j]  # the last view of a shard's mapping goes: it is unmapped
-        if read > skip_samples and batched != plan.num_samples:  # (all skipped: resumed at the worker's end)
-            raise ShardError(
-                f"rank {self.rank} worker {worker}: cut {batched} samples into batches, planned {plan.num_samples}"
-            )
+        pending = np.empty((0, 3), dtype=np.int64)  # (segment, row in shard, stream position) not yet batched
+        for j, seg in enumerate(plan.segments):
+            opened[j] = self._open(seg)
+            pending = np.concatenate([pending, _segment_refs(j, seg)])
+            last = j == len(plan.segments) - 1
+            while len(pending) >= self.batch_size or (last and len(pending)):
+                yield self._collate(pending[: self.batch_size], opened)
+                pending = pending[self.batch_size :]
+            for k in [k for k in opened if k not in set(pending[:, 0].tolist())]:
+                del opened[k]  # the last view of a shard's mapping goes: it is unmapped
 
     def _open(self, seg: Segment) -> _OpenShard:
         """Index the shard of a segment and check it against the manifest and the split."""
@@ -363,20 +388,6 @@ class _EpochStream(torch.utils.data.IterableDataset):
         if self.transform is not None:
             out["image"] = self.transform(out["image"], out["seed"])
         return out
-
-
-def _windows(segments: tuple[Segment, ...], min_samples: int) -> Iterator[list[int]]:
-    """Consecutive segments grouped into shuffle windows of at least `min_samples` samples (the last
-    may hold fewer); with min_samples 0 (evaluation, no shuffle), one segment per window."""
-    window, size = [], 0
-    for j, seg in enumerate(segments):
-        window.append(j)
-        size += seg.stop - seg.start
-        if size >= min_samples:
-            yield window
-            window, size = [], 0
-    if window:
-        yield window
 
 
 def _segment_refs(segment: int, seg: Segment) -> np.ndarray:
@@ -473,6 +484,7 @@ class ShardLoader:
     Iterating yields dicts with `image` (uint8, N x 3 x H x W, channels_last memory; or the
     transform's output), `label` (int64), `key` (sample keys), `seed` (per-sample augmentation
     seeds) and `skipped` (corrupt samples left out of the batch: always 0 unless `cfg.skip_corrupt`).
+    Training batches are micro-batches of `cfg.batch_size`, `accumulation` of them per optimizer step.
     `transform(images, seeds)`, when given, runs in the loader workers. `device_type` is the device
     the batches go to (pinned memory only for "cuda").
     """
@@ -487,6 +499,7 @@ class ShardLoader:
         world_size: int = 1,
         seed: int = 0,
         training: bool = True,
+        accumulation: int = 1,
         transform: Callable | None = None,
         device_type: str = "cpu",
     ):
@@ -496,6 +509,8 @@ class ShardLoader:
         self.split, self.rank, self.world_size, self.seed, self.training = split, rank, world_size, seed, training
         self.cfg = cfg
         self.batch_size = cfg.batch_size if training else cfg.eval_batch_size
+        self.accumulation = accumulation if training else 1
+        self.global_batch = self.batch_size * self.accumulation * world_size
         self.shuffle_buffer = cfg.shuffle_buffer
         self.transform = transform
         self.pin_memory = cfg.pin_memory and device_type == "cuda"
@@ -506,42 +521,39 @@ class ShardLoader:
         self.codec, self.shape, self.num_classes = manifest.codec, tuple(manifest.image_shape), manifest.num_classes
         self.num_samples = info.num_samples
         if training:
-            self.steps = steps_per_epoch(self.num_samples, world_size, self.batch_size)
+            self.steps = steps_per_epoch(self.num_samples, self.global_batch)
             if self.steps == 0:
                 raise HistoDistError(
-                    f"split {split!r} has {self.num_samples} samples: too few for {world_size} rank(s) x batch_size "
-                    f"{self.batch_size}; lower loader.batch_size to at most {self.num_samples // world_size}"
+                    f"split {split!r} has {self.num_samples} samples: too few for a global batch of "
+                    f"{self.global_batch} ({world_size} rank(s) x batch_size {self.batch_size} x {self.accumulation} "
+                    f"accumulation steps); lower loader.batch_size"
                 )
         elif self.num_samples < world_size:
             raise HistoDistError(f"split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks")
         # Never more workers than batches (a worker without work would only cost a process).
-        self.num_workers = min(cfg.num_workers, self.steps if training else self.num_samples)
+        self.num_workers = min(cfg.num_workers, len(self) if training else self.num_samples)
         self.epoch, self.batch = 0, 0
 
     # -- sizes -----------------------------------------------------------------------------------
     def _plans(self) -> list[WorkerPlan]:
         return [
-            worker_plan(
-                self.shard_sizes,
-                seed=self.seed,
-                epoch=self.epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-                num_workers=self.num_workers,
-                worker=w,
-                batch_size=self.batch_size,
-                training=self.training,
+            eval_plan(
+                self.shard_sizes, rank=self.rank, world_size=self.world_size, num_workers=self.num_workers, worker=w
             )
             for w in range(max(self.num_workers, 1))
         ]
 
     def __len__(self) -> int:
-        """Batches this rank yields in a full epoch."""
-        return self.steps if self.training else sum(p.num_batches for p in self._plans())
+        """Batches this rank yields in a full epoch (training: micro-batches, `accumulation` per step)."""
+        if self.training:
+            return self.steps * self.accumulation
+        return sum(-(-p.num_samples // self.batch_size) for p in self._plans())
 
     @property
     def rank_samples(self) -> int:
         """Samples this rank reads in one epoch (evaluation: its exact share of the split)."""
+        if self.training:
+            return self.steps * self.batch_size * self.accumulation
         return sum(p.num_samples for p in self._plans())
 
     # -- epochs and state ------------------------------------------------------------------------
@@ -550,27 +562,38 @@ class ShardLoader:
             self.epoch, self.batch = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch, **self._geometry()}
+        """(epoch, global samples consumed) and what the order depends on; no ranks, no workers: any layout
+        with the same global batch continues it. Taken at optimizer-step boundaries."""
+        if self.batch % self.accumulation:
+            raise HistoDistError(
+                f"loader state taken inside an optimizer step (batch {self.batch}, {self.accumulation} per step)"
+            )
+        return {"epoch": self.epoch, "samples": self.batch // self.accumulation * self.global_batch, **self._order()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mismatched = {k: (state.get(k), v) for k, v in self._geometry().items() if state.get(k) != v}
+        if "samples" not in state:
+            raise HistoDistError(
+                "the loader state was written by an earlier histo-dist (it counts batches of one "
+                "layout, not samples); resume with that version, or start a new run"
+            )
+        mismatched = {k: (state.get(k), v) for k, v in self._order().items() if state.get(k) != v}
         if mismatched:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in mismatched.items())
+            raise HistoDistError(f"cannot resume the {self.split} loader exactly: {detail}")
+        samples = int(state["samples"])
+        if samples % self.global_batch or not 0 <= samples <= self.steps * self.global_batch:
             raise HistoDistError(
-                f"cannot resume the {self.split} loader exactly: {detail}; resume with the same settings"
+                f"loader state: {samples} samples consumed is not a step boundary of 0.."
+                f"{self.steps} steps of {self.global_batch}"
             )
-        if not 0 <= state["batch"] <= len(self):
-            raise HistoDistError(f"loader state batch {state['batch']} outside 0..{len(self)}")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.epoch, self.batch = int(state["epoch"]), samples // self.global_batch * self.accumulation
 
-    def _geometry(self) -> dict[str, Any]:
+    def _order(self) -> dict[str, Any]:
+        """What the epoch's sample order and its steps depend on."""
         return {
             "split": self.split,
-            "world_size": self.world_size,
-            "rank": self.rank,
             "seed": self.seed,
-            "num_workers": self.num_workers,
-            "batch_size": self.batch_size,
+            "global_batch": self.global_batch,
             "shuffle_buffer": self.shuffle_buffer,
             "shard_sizes": self.shard_sizes,
         }

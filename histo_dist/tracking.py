@@ -32,6 +32,9 @@ class TrackingConfig:
     """Log training loss, learning rate and images/s every N optimizer steps."""
     progress: bool = True
     """Show a tqdm progress bar on rank zero."""
+    log_samples: bool = False
+    """Append the keys each optimizer step trained on to RUN/samples.jsonl (epoch, step, keys of all ranks): which
+    patches trained the model, for audits of the data order. Gathered to rank 0 at each log interval."""
 
     def validate(self) -> list[str]:
         return [] if self.log_every_steps >= 1 else [f"log_every_steps: must be >= 1, got {self.log_every_steps}"]

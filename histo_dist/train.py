@@ -34,7 +34,7 @@ from histo_dist.checkpoint import Checkpointer, model_weights, read_training_che
 from histo_dist.config import to_dict
 from histo_dist.ema import EMA, broadcast_buffers
 from histo_dist.errors import HistoDistError
-from histo_dist.evaluation import evaluate_split, scalars, validate_split, write_evaluation
+from histo_dist.evaluation import evaluate_split, gather_objects, scalars, validate_split, write_evaluation
 from histo_dist.experiment import ExperimentConfig, load_experiment
 from histo_dist.files import write_atomic
 from histo_dist.inference import InferenceModel
@@ -161,36 +161,13 @@ class Trainer:
                 f"augment.crop={cfg.augment.crop} does not fit the {width}x{height} patches of "
                 f"{cfg.data.shards}; give at most {min(height, width)}, or 0 for the whole patch"
             )
-        worker_aug = cfg.augment.enabled and cfg.augment.where == "worker"
-        self.train_loader = ShardLoader(
-            self.manifest,
-            cfg.data.train_split,
-            cfg.loader,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=t.seed,
-            training=True,
-            transform=_WorkerAugment(cfg.augment) if worker_aug else None,
-            device_type=self.device.type,
-        )
-        self.micro_per_epoch = len(self.train_loader) // t.grad_accum_steps * t.grad_accum_steps
-        self.steps_per_epoch = self.micro_per_epoch // t.grad_accum_steps
-        if self.steps_per_epoch == 0:
-            raise HistoDistError(
-                f"{len(self.train_loader)} batches per epoch on each rank is fewer than train.grad_accum_steps="
-                f"{t.grad_accum_steps}; lower loader.batch_size or grad_accum_steps"
-            )
+        self.build_train_loader(t.grad_accum_steps)
         # The run's length: its epochs (or max_steps), or what a time budget allows, planned once at
         # the end of the warmup (budget.py); until then the schedule only needs the warmup's length.
         self.budget_s = parse_duration(t.time_budget) if t.time_budget else None
         self.plan: Plan | None = None
-        if self.budget_s:
-            self.total_steps, schedule_steps = UNPLANNED, cfg.schedule.warmup_steps + 1
-        else:
-            self.total_steps = self.steps_per_epoch * t.epochs
-            if t.max_steps:
-                self.total_steps = min(self.total_steps, t.max_steps)
-            schedule_steps = self.total_steps
+        self.total_steps = self.configured_steps()
+        schedule_steps = cfg.schedule.warmup_steps + 1 if self.budget_s else self.total_steps
 
         # Model, optimizer, schedule. The schedule is NOT passed through `prepare`: Accelerate
         # would step it once per process per optimizer step.
@@ -228,9 +205,75 @@ class Trainer:
         self._pending_skipped = 0  # corrupt samples this rank skipped since the last flush (host)
         self._scaler_skipped: set[int] = set()  # steps whose update fp16's gradient scaler skipped (inf/NaN)
         self._micro = 0  # micro-batch within the current optimizer step
+        self._pending_keys: list[tuple[int, int, list[str]]] = []  # (epoch, step, keys) for tracking.log_samples
         self.preemption = PreemptionFlag()
         self._timing: tuple[int, float] | None = None  # (step, time) where the budget's step timing starts
         self._resumed_at = 0
+
+    def build_train_loader(self, accumulation: int) -> None:
+        """This rank's training loader: micro-batches of loader.batch_size, `accumulation` per optimizer step."""
+        cfg = self.cfg
+        worker_aug = cfg.augment.enabled and cfg.augment.where == "worker"
+        self.train_loader = ShardLoader(
+            self.manifest,
+            cfg.data.train_split,
+            cfg.loader,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=cfg.train.seed,
+            training=True,
+            accumulation=accumulation,
+            transform=_WorkerAugment(cfg.augment) if worker_aug else None,
+            device_type=self.device.type,
+        )
+        self.accelerator.gradient_accumulation_steps = accumulation
+        self.micro_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = self.train_loader.steps
+
+    def configured_steps(self) -> int:
+        """The run's length in optimizer steps: its epochs (capped by max_steps), or UNPLANNED under a time budget."""
+        if self.budget_s:
+            return UNPLANNED
+        t = self.cfg.train
+        return min(self.steps_per_epoch * t.epochs, t.max_steps or sys.maxsize)
+
+    def keep_global_batch(self, global_batch: int, path: Path) -> None:
+        """Resuming on another number of ranks (elastic resume): the optimizer must keep seeing the checkpoint's
+        global batch, so the accumulation is adjusted to it; without a whole number that does, refuse naming the
+        settings that would work."""
+        ranks, micro = self.world_size, self.cfg.loader.batch_size
+        per_rank, rest = divmod(global_batch, ranks)
+        if rest == 0 and per_rank % micro == 0:
+            accumulation = per_rank // micro
+            log.info(
+                "resuming %s on %d rank(s): gradient accumulation %d (configured %d) keeps its global batch of %d",
+                path,
+                ranks,
+                accumulation,
+                self.cfg.train.grad_accum_steps,
+                global_batch,
+            )
+            self.build_train_loader(accumulation)
+            self.total_steps = self.configured_steps()  # (the same steps per epoch as the checkpoint's run)
+            if not self.budget_s:
+                self.schedule.set_total_steps(self.total_steps)
+            return
+        if rest:
+            hint = (
+                f"{global_batch} samples do not split over {ranks} ranks; resume on a number of ranks that "
+                f"divides {global_batch}"
+            )
+        else:
+            pairs = [
+                f"loader.batch_size={b} train.grad_accum_steps={per_rank // b}"
+                for b in range(1, per_rank + 1)
+                if per_rank % b == 0
+            ][-3:]
+            hint = f"on {ranks} rank(s) that is {per_rank} per rank: e.g. {'; '.join(reversed(pairs))}"
+        raise HistoDistError(
+            f"cannot resume {path} exactly: its global batch is {global_batch} (batch_size x grad_accum_steps x "
+            f"ranks), and loader.batch_size={micro} on {ranks} rank(s) cannot make it: {hint}"
+        )
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def prepare_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +319,8 @@ class Trainer:
             accuracy = (predicted == labels).float().mean() if len(labels) else torch.zeros((), device=self.device)
         self._pending_losses.append((self.step + 1, torch.stack([loss.detach().float(), accuracy])))
         self._pending_skipped += batch.get("skipped", 0)
+        if self.cfg.tracking.log_samples:
+            self._pending_keys.append((self.train_loader.epoch, self.step + 1, list(batch["key"])))
         if not acc.sync_gradients:
             self._micro += 1
             return False
@@ -303,6 +348,8 @@ class Trainer:
         sums = self.accelerator.reduce(torch.cat([values, skipped]), "sum").cpu()  # the sync point
         self._pending_losses.clear()
         self._pending_skipped = 0
+        if self.cfg.tracking.log_samples:
+            self._write_sample_log()
         self.skipped_samples += round(float(sums[-1]))
         losses, accuracies = (sums[:-1].view(-1, 2) / self.world_size).unbind(1)
         bad = [
@@ -319,6 +366,22 @@ class Trainer:
             )
         finite = torch.isfinite(losses)
         return float(losses[finite].mean()), float(accuracies[finite].mean())
+
+    def _write_sample_log(self) -> None:
+        """tracking.log_samples: every rank's keys since the last flush, by (epoch, step), to RUN/samples.jsonl
+        (an all-gather of strings: once per log interval, and only when asked for)."""
+        parts, self._pending_keys = gather_objects(self._pending_keys), []
+        if not self.accelerator.is_main_process:
+            return
+        steps: dict[tuple[int, int], list[str]] = {}
+        for epoch, step, keys in (record for part in parts for record in part):
+            steps.setdefault((epoch, step), []).extend(keys)
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for (epoch, step), keys in sorted(steps.items()):
+                f.write(
+                    json.dumps({"epoch": epoch, "step": step, "world_size": self.world_size, "keys": sorted(keys)})
+                    + "\n"
+                )
 
     # -- evaluation --------------------------------------------------------------------------------
     def inference_model(self) -> InferenceModel:
@@ -535,7 +598,9 @@ class Trainer:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
-        loader_state = dict(state["loader"], rank=self.rank)  # rank 0 saved it; positions are shared
+        loader_state = state["loader"]  # rank 0 saved it; positions are global (any number of ranks)
+        if loader_state.get("global_batch") not in (None, self.train_loader.global_batch):
+            self.keep_global_batch(int(loader_state["global_batch"]), path)
         self.train_loader.load_state_dict(loader_state)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -554,11 +619,11 @@ class Trainer:
             )
         self._resumed_at = self.step
         log.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
+            "resumed from %s at step %d (epoch %d, sample %d)",
             path,
             self.step,
             loader_state["epoch"],
-            loader_state["batch"],
+            loader_state["samples"],
         )
 
     def preempted(self) -> bool:
@@ -577,7 +642,7 @@ class Trainer:
             return
         loss, accuracy = self.flush_losses()
         now = time.perf_counter()
-        global_batch = self.cfg.loader.batch_size * self.cfg.train.grad_accum_steps * self.world_size
+        global_batch = self.train_loader.global_batch
         images_per_s = (self.step - self._tick[1]) * global_batch / (now - self._tick[0])
         self._tick = (now, self.step)
         record = {

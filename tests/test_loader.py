@@ -1,4 +1,4 @@
-"""Per-rank streaming loaders: equal steps, exact-once evaluation, disjoint training, exact resume.
+"""Per-rank streaming loaders: equal steps, exact-once evaluation, disjoint training, exact and elastic resume.
 
 Shards here are made with images that encode their own sample index and label (every pixel of
 channel 0/1 holds the index, channel 2 the label), so any batch can be checked for detached labels.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from histo_dist.errors import HistoDistError
-from histo_dist.loader import LoaderConfig, ShardLoader, shard_order, steps_per_epoch, worker_plan
+from histo_dist.loader import LoaderConfig, ShardLoader, TrainOrder, eval_plan, shard_order, steps_per_epoch
 from histo_dist.manifest import Manifest, sample_key
 from histo_dist.shards import ShardError, write_shard
 from tests.shard_data import encoded_image, label_of, make_dataset
@@ -45,55 +45,27 @@ LAYOUTS = [[40, 13, 64, 7, 50], [100], [1, 1, 1, 97], [10] * 12]
 
 
 @pytest.mark.parametrize("sizes", LAYOUTS)
+@pytest.mark.parametrize("window", [0, 1, 10, 64])
+def test_the_training_order_is_every_sample_once(sizes, window):
+    order = TrainOrder(sizes, seed=5, epoch=2, window=window)
+    refs = order.refs(0, sum(sizes))
+    assert sorted(map(tuple, refs[:, :2].tolist())) == [(s, i) for s, n in enumerate(sizes) for i in range(n)]
+    starts = np.asarray([order.stream_start[shard] for shard in refs[:, 0].tolist()])
+    assert (refs[:, 2] == starts + refs[:, 1]).all()  # the stream position of each (shard, row)
+    if window <= 1:  # no shuffle: the stream itself
+        assert refs[:, 2].tolist() == list(range(sum(sizes)))
+    assert (order.refs(7, 19) == refs[7:19]).all()  # any slice, computed alone, is the same
+
+
+@pytest.mark.parametrize("sizes", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("workers", [0, 1, 2, 3])
-def test_plan_equal_steps_disjoint_training_and_exact_once_eval(sizes, world, workers):
-    batch = 8
-    total = sum(sizes)
-
-    def samples(plan):
-        return [(seg.shard, i) for seg in plan.segments for i in range(seg.start, seg.stop)]
-
-    train, batches_per_rank = [], []
-    for rank in range(world):
-        plans = [
-            worker_plan(
-                sizes,
-                seed=5,
-                epoch=2,
-                rank=rank,
-                world_size=world,
-                num_workers=workers,
-                worker=w,
-                batch_size=batch,
-                training=True,
-            )
-            for w in range(max(workers, 1))
-        ]
-        batches_per_rank.append(sum(p.num_batches for p in plans))
-        for p in plans:
-            assert p.num_samples == p.num_batches * batch  # only full batches in training
-            train += samples(p)
-    assert batches_per_rank == [steps_per_epoch(total, world, batch)] * world
-    assert len(set(train)) == len(train)  # disjoint within the epoch
-    assert len(train) == world * steps_per_epoch(total, world, batch) * batch
-
+def test_plan_exact_once_eval(sizes, world, workers):
     evaluated = []
     for rank in range(world):
         for w in range(max(workers, 1)):
-            evaluated += samples(
-                worker_plan(
-                    sizes,
-                    seed=5,
-                    epoch=2,
-                    rank=rank,
-                    world_size=world,
-                    num_workers=workers,
-                    worker=w,
-                    batch_size=batch,
-                    training=False,
-                )
-            )
+            plan = eval_plan(sizes, rank=rank, world_size=world, num_workers=workers, worker=w)
+            evaluated += [(seg.shard, i) for seg in plan.segments for i in range(seg.start, seg.stop)]
     assert sorted(evaluated) == sorted((s, i) for s, n in enumerate(sizes) for i in range(n))  # each exactly once
 
 
@@ -109,19 +81,39 @@ def test_shard_order_depends_on_seed_and_epoch_only():
 # The loader reading real shards
 
 
-@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 1), (4, 3)])
-def test_loader_equal_steps_disjoint_training(dataset, world, workers):
-    cfg = LoaderConfig(batch_size=8, num_workers=workers, shuffle_buffer=32)
-    seen, steps = [], []
+def epoch_steps(
+    dataset,
+    world: int,
+    workers: int,
+    accumulation: int,
+    batch: int,
+    seed: int = 0,
+    epoch: int = 0,
+    start: dict | None = None,
+) -> list[list[str]]:
+    """The keys each optimizer step trains on, all ranks together (sorted within a step)."""
+    per_rank = []
     for rank in range(world):
-        loader = ShardLoader(dataset, "train", cfg, rank=rank, world_size=world, seed=0)
-        batches = list(loader)
-        steps.append(len(batches))
-        assert len(batches) == len(loader)
-        assert all(len(b["key"]) == 8 for b in batches)
-        seen += keys_of(batches)
-    assert len(set(steps)) == 1 and steps[0] == steps_per_epoch(174, world, 8)
-    assert len(set(seen)) == len(seen)
+        cfg = LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=32)
+        loader = ShardLoader(dataset, "train", cfg, rank=rank, world_size=world, seed=seed, accumulation=accumulation)
+        loader.set_epoch(epoch)
+        if start is not None:
+            loader.load_state_dict(start)
+        micro = [b["key"] for b in loader]
+        per_rank.append([sum(micro[i : i + accumulation], []) for i in range(0, len(micro), accumulation)])
+    assert len({len(steps) for steps in per_rank}) == 1  # equal steps on every rank
+    return [sorted(sum(step, [])) for step in zip(*per_rank)]
+
+
+@pytest.mark.parametrize("world,workers,accumulation", [(1, 0, 4), (2, 2, 2), (4, 3, 1), (1, 3, 4)])
+def test_global_steps_are_the_same_whatever_the_ranks_workers_and_accumulation(dataset, world, workers, accumulation):
+    """Global batch 32 as 1 x 8 x 4, 2 x 8 x 2, 4 x 8 x 1: the same samples in every step, each once per epoch."""
+    reference = epoch_steps(dataset, 1, 0, 4, 8)
+    got = epoch_steps(dataset, world, workers, accumulation, 8)
+    assert got == reference
+    assert len(reference) == steps_per_epoch(174, 32) == 5
+    keys = [k for step in reference for k in step]
+    assert len(set(keys)) == len(keys) == 160
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 3), (4, 1)])
@@ -166,6 +158,32 @@ def test_shuffle_changes_order_every_epoch_and_is_deterministic(dataset):
     assert runs < len(keys) // 4
 
 
+@pytest.mark.parametrize(
+    "before, after", [((2, 2, 1), (1, 0, 2)), ((1, 1, 2), (2, 3, 1)), ((1, 2, 4), (1, 0, 4)), ((4, 0, 1), (2, 2, 2))]
+)
+def test_elastic_resume_continues_with_exactly_the_samples_not_consumed(dataset, before, after):
+    """Preempted mid-epoch on one layout (ranks, workers, accumulation), resumed on another with the same global
+    batch: the remaining steps are those of an uninterrupted run, so the epoch trains every sample once."""
+    reference = epoch_steps(dataset, *before, 8, seed=3, epoch=1)
+    world, workers, accumulation = before
+    loader = ShardLoader(
+        dataset,
+        "train",
+        LoaderConfig(batch_size=8, num_workers=workers, shuffle_buffer=32),
+        world_size=world,
+        seed=3,
+        accumulation=accumulation,
+    )
+    loader.set_epoch(1)
+    for _ in itertools.islice(loader, 2 * accumulation):  # two optimizer steps
+        pass
+    state = loader.state_dict()
+    assert state["samples"] == 2 * 8 * world * accumulation
+    assert "world_size" not in state and "num_workers" not in state
+    resumed = epoch_steps(dataset, *after, 8, seed=3, epoch=1, start=state)
+    assert resumed == reference[2:]
+
+
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (2, 3)])
 def test_resume_yields_exactly_the_remaining_batches(dataset, world, workers):
     cfg = LoaderConfig(batch_size=4, num_workers=workers, shuffle_buffer=16)
@@ -181,7 +199,7 @@ def test_resume_yields_exactly_the_remaining_batches(dataset, world, workers):
         for _ in itertools.islice(interrupted, position):
             pass
         state = interrupted.state_dict()
-        assert state["batch"] == position
+        assert state["samples"] == position * 4 * world
         resumed = ShardLoader(dataset, "train", cfg, rank=rank, world_size=world, seed=9)
         resumed.load_state_dict(state)
         got = [(tuple(b["key"]), b["seed"].tolist()) for b in resumed]
@@ -189,15 +207,15 @@ def test_resume_yields_exactly_the_remaining_batches(dataset, world, workers):
 
 
 def test_resume_at_every_batch_when_windows_and_batches_do_not_align(dataset):
-    """Shuffle windows of >= 10 samples (whole shard segments: 40, 13, 64...) cut into batches of 3: batches
-    straddle windows, and resuming skips whole windows unread. Every position must still resume exactly."""
+    """Shuffle windows of >= 10 samples (whole shards: 40, 13, 64...) cut into batches of 3: batches straddle
+    windows, and a resume draws no window before its own. Every position must still resume exactly."""
     cfg = LoaderConfig(batch_size=3, num_workers=0, shuffle_buffer=10)
     reference = ShardLoader(dataset, "train", cfg, seed=5)
     expected = [(tuple(b["key"]), b["seed"].tolist()) for b in reference]
     assert len({k for keys, _ in expected for k in keys}) == 3 * len(expected)  # disjoint, all full
     for position in range(len(expected)):
         resumed = ShardLoader(dataset, "train", cfg, seed=5)
-        resumed.load_state_dict({**reference.state_dict(), "epoch": 0, "batch": position})
+        resumed.load_state_dict({**reference.state_dict(), "epoch": 0, "samples": 3 * position})
         assert [(tuple(b["key"]), b["seed"].tolist()) for b in resumed] == expected[position:], position
 
 
@@ -212,11 +230,16 @@ def test_shuffle_mixes_shards_within_a_window(dataset):
     assert sum(len({shard_of[k] for k in keys}) > 1 for keys in batches) > len(batches) // 2
 
 
-def test_resume_refuses_other_geometry(dataset):
+def test_resume_refuses_another_order_or_global_batch(dataset):
     a = ShardLoader(dataset, "train", LoaderConfig(batch_size=4, num_workers=2), seed=0)
     b = ShardLoader(dataset, "train", LoaderConfig(batch_size=8, num_workers=2), seed=0)
-    with pytest.raises(HistoDistError, match="batch_size"):
+    with pytest.raises(HistoDistError, match="global_batch: saved 4, now 8"):
         b.load_state_dict(a.state_dict())
+    c = ShardLoader(dataset, "train", LoaderConfig(batch_size=4, shuffle_buffer=8), seed=0)
+    with pytest.raises(HistoDistError, match="shuffle_buffer"):
+        c.load_state_dict(a.state_dict())
+    with pytest.raises(HistoDistError, match="earlier histo-dist"):
+        a.load_state_dict({"epoch": 0, "batch": 3, "world_size": 1})
 
 
 def test_augmentation_seeds_are_per_sample_and_reproducible(dataset):

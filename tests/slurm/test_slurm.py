@@ -33,7 +33,12 @@ from tests.slurm.cluster import Cluster, ClusterUnavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-JOB_ENV = {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "VENV": str(Path(sys.executable).parents[1])}
+JOB_ENV = {  # (PYTHONPATH: the checkout under test, even where the venv's editable install points elsewhere)
+    "OMP_NUM_THREADS": "1",
+    "WANDB_SILENT": "true",
+    "VENV": str(Path(sys.executable).parents[1]),
+    "PYTHONPATH": str(ROOT),
+}
 
 # The same small, deterministic run for every training job (3 epochs x 15 steps of 2 x 8 samples).
 OVERRIDES = [
@@ -256,6 +261,64 @@ def test_multinode_sbatch_over_two_nodes_equals_two_ranks_on_one(cluster, shards
     run = run_dir_of(submit_dir, job, "histo-dist-mn")
     assert json.loads((run / "provenance.json").read_text())["world_size"] == 2
     assert_same_weights(final_weights(reference[2]), final_weights(run))
+
+
+def test_a_two_node_job_preempted_and_requeued_on_one_node_trains_every_sample_once(
+    cluster, shards, reference, tmp_path
+):
+    """Elastic resume on SLURM: a 2-node job (2 ranks); a higher-priority job takes one node, ours is preempted
+    (SIGTERM: checkpoint, 75, requeue) and, resized while pending (`scontrol update NumNodes=1`), comes back on the
+    other node alone: one rank, gradient accumulation 2 keeps the global batch of 16, and every epoch trains each
+    sample exactly once."""
+    submit_dir = tmp_path / "submit"
+    job = submit_training(
+        cluster,
+        "train_multinode.sbatch",
+        submit_dir,
+        shards,
+        ["--nodes=2", "--cpus-per-task=1"],
+        1,
+        "tracking.wandb=false",
+        "tracking.log_samples=true",
+    )
+    run = run_dir_of(submit_dir, job, "histo-dist-mn")
+    watch = dict(cluster=cluster, job=job, submit_dir=submit_dir)
+    wait_until(lambda: logged_step(run) >= 4, "the first steps on two nodes", timeout=180, **watch)
+    nodes = cluster.run(["scontrol", "show", "hostnames", cluster.job(job)["NodeList"]]).stdout.split()
+    assert len(nodes) == 2, nodes
+    urgent = cluster.sbatch(
+        [
+            "--partition=urgent",
+            f"--nodelist={nodes[1]}",
+            "--exclusive",
+            "--mem=0",
+            f"--output={tmp_path}/urgent.out",
+            "--wrap",
+            "sleep 90",
+        ],
+        cwd=tmp_path,
+    )
+    # Requeued, it waits for two nodes while the urgent job holds one: resized while pending, it starts on one.
+    wait_until(
+        lambda: "preempted (SIGTERM)" in job_log(submit_dir) and cluster.job(job).get("JobState") == "PENDING",
+        "the requeued job, pending",
+        **watch,
+    )
+    cluster.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"])  # one task per node
+    info = assert_completed(cluster, job, submit_dir, timeout=300)
+    cluster.run(["scancel", str(urgent)], check=False)
+    log = job_log(submit_dir)
+    assert int(info["Restarts"]) == 1 and "preempted (SIGTERM): checkpoint at step" in log, errors_in(log)
+    assert "gradient accumulation 2 (configured 1) keeps its global batch of 16" in log, errors_in(log)
+    records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {r["world_size"] for r in records} == {2, 1}
+    steps = {(r["epoch"], r["step"]): r["keys"] for r in records}  # a step retrained after the requeue counts once
+    for epoch in range(3):
+        keys = [k for (e, _), ks in steps.items() if e == epoch for k in ks]
+        assert len(keys) == len(set(keys)) == 240, epoch  # 15 steps x 16, each sample at most once
+    expected, got = final_weights(reference[2]), final_weights(run)
+    for key in expected:  # the same global batches; the reduction order differs (2 ranks vs accumulation)
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_convert_sbatch_array_writes_parts_then_the_manifest(cluster, tmp_path):
