@@ -177,6 +177,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder; give a checkpoint file such as RUN/checkpoints/best.pt") from None
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
     except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False: never, for a file it refused
         detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(

@@ -1,0 +1,201 @@
+"""What users give that is not what a command expects: paths that are the wrong kind of thing,
+missing, unreadable or unwritable.
+
+Each is one line naming it (`histo-dist CMD: error: ...`, exit 2), before any work; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import no_traceback
+from tests.runs import ENV, ROOT
+from tests.source_data import cli, write_imagefolder
+
+# ---------------------------------------------------------------------------------------------
+# Paths of the wrong kind, or missing: every command
+
+
+def path_cases(tmp: Path, shards: Path, best: Path) -> dict[str, tuple[list[str], str]]:
+    """{case: (command line, what its one error line says)}; `tmp` holds a file and a folder."""
+    file, folder = tmp / "a-file", tmp / "a-folder"
+    train = ["train", "--config", str(ROOT / "configs/cpu_test.yaml"), f"data.shards={shards}"]
+    return {
+        "train data.shards=FILE": (train + [f"data.shards={file}"], f"{file}: not a readable JSON manifest"),
+        "evaluate --checkpoint FOLDER": (
+            ["evaluate", "--checkpoint", str(folder), "--data", str(shards), "--output", str(tmp / "e1")],
+            f"--checkpoint {folder}: a folder, expected a file",
+        ),
+        "evaluate --data missing": (
+            ["evaluate", "--checkpoint", str(best), "--data", str(tmp / "nope"), "--output", str(tmp / "e2")],
+            f"--data {tmp / 'nope'}: no such file or folder",
+        ),
+        "evaluate --output FILE": (
+            ["evaluate", "--checkpoint", str(best), "--data", str(shards), "--output", str(file)],
+            f"--output {file}: a file, expected a folder",
+        ),
+        "predict --output FOLDER": (
+            ["predict", "--checkpoint", str(best), "--input", str(shards), "--output", str(folder)],
+            f"--output {folder}: a folder, expected a file name",
+        ),
+        "predict --output FILE/x.csv": (
+            ["predict", "--checkpoint", str(best), "--input", str(shards), "--output", str(file / "x.csv")],
+            f"--output {file / 'x.csv'}: cannot be created, {file} is a file",
+        ),
+        "predict --input missing": (
+            ["predict", "--checkpoint", str(best), "--input", str(tmp / "nope"), "--output", str(tmp / "p.csv")],
+            f"--input {tmp / 'nope'}: no such file or folder",
+        ),
+        "convert --input FILE": (["convert", "--input", str(file)], f"--input {file}: a file, expected a folder"),
+        "convert --output FILE": (
+            ["convert", "--input", str(folder), "--output", str(file)],
+            f"--output {file}: a file, expected a folder",
+        ),
+        "synth --output FILE": (["synth", "--output", str(file)], f"--output {file}: a file, expected a folder"),
+        "verify FILE": (["verify", str(file)], f"{file}: not a readable JSON manifest"),
+        "verify missing": (["verify", str(tmp / "nope")], f"{tmp / 'nope'}: no manifest"),
+        "compare missing": (["compare", str(tmp / "nope")], f"evaluation {tmp / 'nope'}: no such file or folder"),
+    }
+
+
+def make_paths(tmp: Path) -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "a-file").write_text("not what was expected\n")
+    (tmp / "a-folder").mkdir(exist_ok=True)
+
+
+@pytest.mark.parametrize("case", list(path_cases(Path("T"), Path("S"), Path("B"))))
+def test_a_path_of_the_wrong_kind_is_one_line_naming_it(shards, reference_one, tmp_path, capsys, case):
+    make_paths(tmp_path)
+    argv, message = path_cases(tmp_path, shards, reference_one / "checkpoints/best.pt")[case]
+    rc, _, err = cli(capsys, *argv)
+    (line,) = err.strip().splitlines()
+    assert rc == 2 and line.startswith(f"histo-dist {argv[0]}: error: ") and message in line, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]  # nothing created
+
+
+# ---------------------------------------------------------------------------------------------
+# Unreadable and unwritable paths (root ignores permissions: such cases run in a user namespace)
+
+DRIVER = r"""
+import contextlib, io, json, sys
+from histo_dist.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except BaseException as e:  # what the CLI let through: a traceback for its user
+            import traceback
+            traceback.print_exc(file=err)
+            rc = repr(e)
+    results.append([rc, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def unprivileged() -> list[str]:
+    """The command prefix under which permission bits apply: none for a normal user; for root, a new
+    user namespace without mappings (the files stay root's, but root's override of permissions is gone)."""
+    if os.geteuid() != 0:
+        return []
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-U", "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, and no user namespace to drop the override of file permissions")
+    return [unshare, "-U"]
+
+
+@pytest.mark.slow
+def test_unreadable_and_unwritable_paths_are_one_line_naming_them(shards, reference_one, tmp_path):
+    prefix = unprivileged()
+    best = reference_one / "checkpoints/best.pt"
+    locked, readonly = tmp_path / "locked", tmp_path / "readonly"
+    shutil.copytree(shards, locked / "shards")
+    shutil.copy(best, locked / "best.pt")
+    for tiles in ("tiles", "tiles2"):
+        write_imagefolder(locked / tiles, {"train": 2, "valid": 1, "test": 1}, classes=("normal", "tumor"))
+    readonly.mkdir()
+    (locked / "tiles/train/tumor/img_0001.png").chmod(0)
+    (locked / "best.pt").chmod(0)
+    (locked / "shards/manifest.json").chmod(0)
+    readonly.chmod(0o555)
+    (locked / "tiles2/valid").chmod(0)
+    train = ["train", "--config", str(ROOT / "configs/cpu_test.yaml"), f"data.shards={shards}"]
+    evaluate = ["evaluate", "--checkpoint", str(best), "--data", str(shards)]
+    cases = [
+        (
+            [
+                "evaluate",
+                "--checkpoint",
+                str(locked / "best.pt"),
+                "--data",
+                str(shards),
+                "--output",
+                str(tmp_path / "e"),
+            ],
+            f"--checkpoint {locked / 'best.pt'}: not readable (permission denied)",
+        ),
+        (evaluate + ["--output", str(readonly / "e")], f"--output {readonly / 'e'}: cannot write in {readonly}"),
+        (evaluate + ["--output", str(readonly)], f"--output {readonly}: cannot write in {readonly}"),
+        (
+            ["predict", "--checkpoint", str(best), "--input", str(shards), "--output", str(readonly / "p.csv")],
+            f"--output {readonly / 'p.csv'}: cannot write in {readonly}",
+        ),
+        (
+            ["convert", "--input", str(locked / "tiles"), "--output", str(readonly / "c"), "--no-progress"],
+            f"--output {readonly / 'c'}: cannot write in {readonly}",
+        ),
+        (
+            ["convert", "--input", str(locked / "tiles2/valid"), "--output", str(tmp_path / "c"), "--no-progress"],
+            f"--input {locked / 'tiles2/valid'}: not readable (permission denied)",
+        ),
+        (
+            ["convert", "--input", str(locked / "tiles2"), "--output", str(tmp_path / "c2"), "--no-progress"],
+            f"{locked / 'tiles2/valid'}: cannot read (Permission denied)",
+        ),
+        (
+            [
+                "convert",
+                "--input",
+                str(locked / "tiles"),
+                "--output",
+                str(tmp_path / "c"),
+                "--workers",
+                "1",
+                "--no-progress",
+            ],
+            f"{locked / 'tiles/train/tumor/img_0001.png'}: cannot read image",
+        ),
+        (["synth", "--output", str(readonly / "s")], f"--output {readonly / 's'}: cannot write in {readonly}"),
+        (
+            train + ["--run-dir", str(tmp_path / "r"), f"data.shards={locked / 'shards'}"],
+            f"{locked / 'shards/manifest.json'}: cannot read the manifest (Permission denied)",
+        ),
+        (["verify", str(locked / "shards")], f"{locked / 'shards/manifest.json'}: cannot read the manifest"),
+        (["compare", str(locked / "tiles2/valid")], f"evaluation {locked / 'tiles2/valid'}: not readable"),
+    ]
+    try:
+        out = subprocess.run(
+            [*prefix, sys.executable, "-c", DRIVER, json.dumps([argv for argv, _ in cases])],
+            capture_output=True,
+            text=True,
+            env={**ENV, "PYTHONPATH": str(ROOT)},
+            timeout=600,
+        )
+    finally:
+        for path in (locked / "tiles2/valid", readonly):
+            path.chmod(0o755)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for (argv, message), (rc, err) in zip(cases, json.loads(out.stdout.splitlines()[-1])):
+        no_traceback(err)
+        (line,) = [line for line in err.splitlines() if "error:" in line]
+        assert rc == 2 and line.startswith(f"histo-dist {argv[0]}: error: ") and message in line, (argv, err)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()  # no run or evaluation folder made
