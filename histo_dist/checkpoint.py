@@ -51,8 +51,9 @@ class CheckpointConfig:
     keep_last: int = 2
     """How many of the newest step checkpoints to keep (the best one is kept besides)."""
     resume: str = "auto"
-    """'auto' continues from the newest valid checkpoint in the run directory (fresh start when none),
-    'never' always starts fresh, or a path to a checkpoint file."""
+    """'auto' continues the run in the run directory from its newest valid checkpoint (a new run when the directory
+    holds none), 'never' starts a new run (refused in a directory holding one: see --fresh), or a checkpoint file to
+    continue (another run's: into a new run directory)."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -152,17 +153,6 @@ class Checkpointer:
                 return path
             log.warning("skipping checkpoint %s: %s", path, why)
         return None
-
-    def resume_path(self) -> Path | None:
-        """What `resume` in the config points at: a file, the newest valid one, or None."""
-        if self.cfg.resume == "never":
-            return None
-        if self.cfg.resume == "auto":
-            return self.newest_valid()
-        path = Path(self.cfg.resume)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint.resume={path}: no such file")
-        return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

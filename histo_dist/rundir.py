@@ -8,7 +8,7 @@
     RUN/wandb/             the W&B run, when tracking.wandb is on
     RUN/run.lock           while a run is live: who holds the directory (host, pid, start time)
 
-Only the main process writes here.
+Only the main process writes here, and only while it holds the lock.
 
 The lock (`RunLock`) is a file created with `os.link` from a complete temporary file: link creation
 is atomic on local disks and on the shared filesystems of clusters (NFS, Lustre, GPFS), where
@@ -33,7 +33,7 @@ from typing import Any
 
 from histo_dist.config import dump_yaml
 from histo_dist.errors import HistoDistError
-from histo_dist.files import partial_name, sha256_file, write_atomic
+from histo_dist.files import check_output, partial_name, sha256_file, write_atomic
 from histo_dist.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,77 @@ def provenance(*, world_size: int, device_type: str, mixed_precision: str, manif
 
 
 def write_run_files(run_dir: Path, cfg: Any, provenance_record: dict[str, Any]) -> None:
-    """config.yaml and provenance.json (main process only)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """config.yaml and provenance.json (main process only), once every check of the start has passed."""
     dump_yaml(cfg, run_dir / "config.yaml")
     write_atomic(run_dir / "provenance.json", json.dumps(provenance_record, indent=2) + "\n")
+
+
+RUN_FILES = ("config.yaml", "provenance.json", "metrics.jsonl", "plan.json", "checkpoints", "test", "wandb")
+"""What a run leaves in its directory: a directory holding any of them belongs to that run."""
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """The files and (non-empty) folders of an earlier run in `run_dir`; [] when it holds none."""
+    return [
+        name
+        for name in RUN_FILES
+        if (run_dir / name).is_file() or ((run_dir / name).is_dir() and any((run_dir / name).iterdir()))
+    ]
+
+
+class RunDirClaim:
+    """`run_dir` for one start of a run: checked, created when missing, and locked by `take()` (on the
+    main process only). Until `started()`, the start may still be refused; `close()` then leaves the
+    directory as it found it: the lock gone, and the folders this start created removed."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.lock: RunLock | None = None
+        self.created: list[Path] = []
+        self.is_started = False
+
+    def take(self) -> None:
+        check_output(self.run_dir, "--run-dir", "folder")
+        missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"--run-dir {self.run_dir}: cannot create it ({e.strerror or e})") from None
+        self.created = missing
+        self.lock = RunLock(self.run_dir).acquire()
+
+    def started(self) -> None:
+        """Every check passed: from here on the directory holds this run."""
+        self.is_started = True
+
+    def move_earlier_run_aside(self) -> Path:
+        """(--fresh) Rename the directory to RUN.old-<time> and take a new, empty one with its own lock."""
+        aside = self.run_dir.with_name(f"{self.run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{self.run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        try:
+            self.run_dir.rename(aside)
+            self.run_dir.mkdir()
+        except OSError as e:
+            raise RunDirError(f"--fresh: cannot move {self.run_dir} aside to {aside} ({e.strerror or e})") from None
+        self.lock.path = aside / LOCK_NAME  # moved with the directory
+        self.lock.release()
+        self.lock = RunLock(self.run_dir).acquire()
+        log.warning("--fresh: moved the earlier run in %s aside to %s", self.run_dir, aside)
+        return aside
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if not self.is_started:
+            for folder in self.created:  # innermost first
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (another run's files, or another start's): not ours to remove
+                    break
 
 
 # ---------------------------------------------------------------------------------------------

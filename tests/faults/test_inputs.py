@@ -28,6 +28,11 @@ def path_cases(tmp: Path, shards: Path, best: Path) -> dict[str, tuple[list[str]
     file, folder = tmp / "a-file", tmp / "a-folder"
     train = ["train", "--config", str(ROOT / "configs/cpu_test.yaml"), f"data.shards={shards}"]
     return {
+        "train --run-dir FILE": (train + ["--run-dir", str(file)], f"--run-dir {file}: a file, expected a folder"),
+        "train checkpoint.resume=FOLDER": (
+            train + ["--run-dir", str(tmp / "r1"), f"checkpoint.resume={folder}"],
+            f"checkpoint.resume {folder}: a folder, expected a file",
+        ),
         "train data.shards=FILE": (train + [f"data.shards={file}"], f"{file}: not a readable JSON manifest"),
         "evaluate --checkpoint FOLDER": (
             ["evaluate", "--checkpoint", str(folder), "--data", str(shards), "--output", str(tmp / "e1")],
@@ -175,6 +180,8 @@ def test_unreadable_and_unwritable_paths_are_one_line_naming_them(shards, refere
             f"{locked / 'tiles/train/tumor/img_0001.png'}: cannot read image",
         ),
         (["synth", "--output", str(readonly / "s")], f"--output {readonly / 's'}: cannot write in {readonly}"),
+        (train + ["--run-dir", str(readonly / "run")], f"--run-dir {readonly / 'run'}: cannot write in {readonly}"),
+        (train + ["--run-dir", str(readonly)], f"--run-dir {readonly}: cannot write in {readonly}"),
         (
             train + ["--run-dir", str(tmp_path / "r"), f"data.shards={locked / 'shards'}"],
             f"{locked / 'shards/manifest.json'}: cannot read the manifest (Permission denied)",

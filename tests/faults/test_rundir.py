@@ -1,10 +1,17 @@
-"""A run directory belongs to one run: its lock, held by a live run, taken over from a gone one."""
+"""A run directory belongs to one run: two runs started on it, a start that is refused,
+`checkpoint.resume=never` on an earlier run, a killed run's lock.
+
+Real `histo-dist train` processes where the process matters (the lock, the one-line errors, several
+ranks); `train()` in this process where only what a start leaves behind does.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
 import threading
 import time
@@ -12,7 +19,45 @@ from pathlib import Path
 
 import pytest
 
+from histo_dist.errors import HistoDistError
+from histo_dist.files import sha256_file
 from histo_dist.rundir import LEASE_S, LOCK_NAME, RunDirError, RunLock
+from histo_dist.tracking import keep_records_until
+from tests.faults.harness import BASE, ONE_RANK, no_traceback, train_cmd
+from tests.runs import (
+    ROOT,
+    assert_same_run,
+    logged_step,
+    records,
+    run,
+    start,
+    wait_for,
+)
+
+
+def snapshot(folder: Path) -> dict[str, str] | None:
+    """{relative path: sha256, or 'folder'} of everything under `folder`, hidden files included (None: absent)."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): "folder" if p.is_dir() else sha256_file(p) for p in sorted(folder.rglob("*"))}
+
+
+def config(shards: Path, *overrides: str):
+    """The config of the fault suite's single-process run (`reference_one`), with `overrides`."""
+    from histo_dist.experiment import load_experiment
+
+    return load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, *ONE_RANK, *overrides])
+
+
+QUICK = ("train.max_steps=2", "schedule.warmup_steps=1", "data.test_split=")
+"""A new run of two steps, validated at the end, without a test."""
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
 
 # ---------------------------------------------------------------------------------------------
 # The lock
@@ -94,3 +139,120 @@ def test_the_holder_keeps_a_heartbeat_and_releases_only_its_own_lock(tmp_path, m
     write_lock(tmp_path, host="node-3")  # taken over by another start (wrongly): not ours to remove
     lock.release()
     assert json.loads(path.read_text())["host"] == "node-3"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two commands on one run directory
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_run_directory_fails_at_once_and_a_killed_runs_lock_is_taken_over(
+    shards, reference_one, tmp_path
+):
+    """The issue's case: a second command (another lr) a moment later. It used to run too: every
+    metrics.jsonl line twice, a resume from the first run's mid-run checkpoint, a config.yaml neither
+    used. Now it stops at once naming the holder, on one rank or two. The first run, stopped there
+    (SIGSTOP: alive, holding the lock), is then killed; the same command takes its lock over, resumes,
+    and ends as the uninterrupted run did, with one run's metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(shards, run_dir, *ONE_RANK)
+    first = start(cmd)
+    try:
+        wait_for(lambda: logged_step(run_dir) >= 14, first)  # past its checkpoint of step 12
+        os.killpg(first.pid, signal.SIGSTOP)
+        holder = f"in use by another run (pid {first.pid} on host {socket.gethostname()}, started "
+        for ranks in (1, 2):
+            t0 = time.monotonic()
+            second = run(train_cmd(shards, run_dir, *ONE_RANK, "optim.lr=0.0001", ranks=ranks))
+            elapsed = time.monotonic() - t0
+            assert second.returncode != 0
+            assert f"histo-dist train: error: {run_dir}: {holder}" in second.stderr, second.stderr[-3000:]
+            if ranks == 1:  # (torchrun reports a failed rank with a traceback of its own)
+                error_line(second.stderr)
+                no_traceback(second.stderr)
+            print(f"{ranks} rank(s): refused after {elapsed:.1f} s (imports included)")
+            assert elapsed < 120
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == first.pid  # left behind by the kill
+
+    out = run(cmd)  # the same command: takes the dead run's lock over and resumes
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"taking over the stale lock {run_dir / LOCK_NAME} of pid {first.pid} on host" in out.stderr
+    assert f"resumed from {run_dir / 'checkpoints/step-00000012.pt'}" in out.stderr
+    assert not (run_dir / LOCK_NAME).exists()
+    assert_same_run(reference_one, run_dir)
+    assert [(r["kind"], r["step"]) for r in records(run_dir)] == [
+        (r["kind"], r["step"]) for r in records(reference_one)
+    ]
+    assert "lr: 0.002" in (run_dir / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused starts leave nothing; resume=never; --fresh
+
+
+def test_resume_never_on_an_earlier_run_is_refused_and_fresh_moves_it_aside(shards, reference_one, tmp_path):
+    """resume=never used to start a second run in the directory: keep-last deleted the earlier run's
+    checkpoints and metrics.jsonl held two runs' records."""
+    from histo_dist.train import train
+
+    run_dir = Path(shutil.copytree(reference_one, tmp_path / "run"))
+    before = snapshot(run_dir)
+    with pytest.raises(
+        RunDirError,
+        match=rf"{run_dir}: holds an earlier run \(config.yaml, .*checkpoints.*\), and "
+        "checkpoint.resume=never starts a new one: give a new --run-dir, or add --fresh",
+    ):
+        train(config(shards, "checkpoint.resume=never"), run_dir)
+    assert snapshot(run_dir) == before
+    with pytest.raises(RunDirError, match=r"--fresh starts a new run and checkpoint.resume=.* continues one"):
+        train(config(shards, f"checkpoint.resume={run_dir}/checkpoints/best.pt"), run_dir, fresh=True)
+    assert snapshot(run_dir) == before
+
+    train(config(shards, *QUICK), run_dir, fresh=True)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert snapshot(aside) == before  # the earlier run, whole
+    assert [r["step"] for r in records(run_dir)] == [2, 2]  # the new run's own train and valid records
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt")) == ["step-00000002.pt"]
+
+
+def test_resuming_another_runs_checkpoint_into_a_run_directory_is_refused(shards, reference_one, tmp_path):
+    from histo_dist.train import train
+
+    other = Path(shutil.copytree(reference_one, tmp_path / "other"))
+    run_dir = Path(shutil.copytree(reference_one, tmp_path / "run"))
+    before = snapshot(run_dir)
+    with pytest.raises(RunDirError, match=r"holds an earlier run .* would mix the two: give a new --run-dir"):
+        train(config(shards, f"checkpoint.resume={other}/checkpoints/step-00000012.pt"), run_dir)
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("where", ["new nested folders", "an existing empty folder"])
+def test_a_refused_start_leaves_the_run_directory_as_it_was(shards, tmp_path, where):
+    from histo_dist.train import train
+
+    run_dir = tmp_path / "runs" / "a" / "run"
+    if where == "an existing empty folder":
+        run_dir.mkdir(parents=True)
+    bad = tmp_path / "not-a-checkpoint.pt"
+    bad.write_bytes(b"cut short")
+    before = snapshot(tmp_path)
+    with pytest.raises(HistoDistError, match=str(bad)):  # found once data and model are built
+        train(config(shards, f"checkpoint.resume={bad}"), run_dir)
+    assert snapshot(tmp_path) == before
+
+
+def test_keep_records_until_drops_a_lost_continuation_and_a_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [
+        {"kind": "train", "step": 10},
+        {"kind": "valid", "step": 12},
+        {"kind": "train", "step": 12},
+        {"kind": "train", "step": 14},
+        {"kind": "test", "step": 12},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "tra')
+    keep_records_until(path, 12)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:3]
