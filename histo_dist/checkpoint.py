@@ -53,7 +53,9 @@ class CheckpointConfig:
     resume: str = "auto"
     """'auto' continues the run in the run directory from its newest valid checkpoint (a new run when the directory
     holds none), 'never' starts a new run (refused in a directory holding one: see --fresh), or a checkpoint file to
-    continue (another run's: into a new run directory)."""
+    continue (another run's: into a new run directory). The config may differ only in values that apply on resume
+    (tracking, test, checkpoint, train.eval_every_steps, loader.eval_batch_size); for other changes start a new run
+    from the weights with model.init_from."""
 
     def validate(self) -> list[str]:
         problems = []

@@ -8,7 +8,7 @@ The run, top to bottom: load and check the config (before any data is read), bui
 Accelerator (DDP, mixed precision, gradient accumulation), take the run directory (rank 0 locks it
 and decides what the start continues: `choose_resume`), per-rank loaders (not passed through
 `accelerator.prepare`: each rank reads its own part), model, optimizer and schedule, resume from
-the checkpoint, write config.yaml and provenance.json (only
+the checkpoint (its config compared with this one), write config.yaml and provenance.json (only
 now: a refused start writes nothing), then the loop: train steps, validation when the `Validator` says so,
 checkpoints when the `Checkpointer` says so, logging; finally the best checkpoint is evaluated on
 the test split exactly as `histo-dist evaluate` would (evaluation.py), into RUN/test/.
@@ -35,7 +35,7 @@ from histo_dist.checkpoint import Checkpointer, model_weights, read_training_che
 from histo_dist.config import to_dict
 from histo_dist.errors import HistoDistError
 from histo_dist.evaluation import evaluate_split, scalars, validate_split, write_evaluation
-from histo_dist.experiment import ExperimentConfig, load_experiment
+from histo_dist.experiment import RESUMABLE, ExperimentConfig, load_experiment, resume_changes
 from histo_dist.files import check_input, write_atomic
 from histo_dist.inference import InferenceModel
 from histo_dist.loader import ShardLoader
@@ -498,14 +498,19 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def load(self, path: Path) -> None:
-        """Continue the run from checkpoint `path` (every rank)."""
+        """Continue the run from checkpoint `path` (every rank). Refused, before anything is loaded, when the
+        config changes a value the checkpoint's state was made with."""
         state = read_training_checkpoint(path)  # to CPU; load_state_dict copies onto the device
+        check_resumable(state["config"], self.cfg, f"{path}", f"start a new run from its weights: {new_run(path)}")
         acc = self.accelerator
         acc.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         loader_state = dict(state["loader"], rank=self.rank)  # rank 0 saved it; positions are shared
-        self.train_loader.load_state_dict(loader_state)
+        try:
+            self.train_loader.load_state_dict(loader_state)
+        except HistoDistError as e:
+            raise HistoDistError(f"{path}: {e}, or start a new run from its weights: {new_run(path)}") from None
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if acc.scaler is not None and "scaler" in state:
@@ -717,6 +722,25 @@ def _main_decides(acc, decide: Callable[[], Any]) -> Any:
     return box[0]
 
 
+def new_run(checkpoint: Path) -> str:
+    """The command-line words of a new run that starts from `checkpoint`'s weights."""
+    return f"--run-dir NEW_DIR model.init_from={checkpoint}"
+
+
+def check_resumable(old: dict[str, Any], cfg: ExperimentConfig, source: str, way_forward: str) -> None:
+    """Refuse to continue a run whose config `old` differs from `cfg` in values its state was made with
+    (naming each); log the changes that apply on resume."""
+    allowed, refused = resume_changes(old, cfg)
+    if refused:
+        raise HistoDistError(
+            f"{source}: cannot resume with {'; '.join(refused)} (the run's state was made with the first value, "
+            f"and only {', '.join(p.rstrip('.') + ('.*' if p.endswith('.') else '') for p in RESUMABLE)} may "
+            f"change on resume). Resume with the run's values, or {way_forward}"
+        )
+    if allowed:
+        log.info("resuming with changed settings: %s", "; ".join(allowed))
+
+
 def choose_resume(run_dir: Path, cfg: ExperimentConfig, checkpointer: Checkpointer, fresh: bool) -> str | None:
     """(main process) The checkpoint this start continues (`checkpoint.resume`), or None for a new run.
     A start that would mix two runs in `run_dir` is refused."""
@@ -739,12 +763,30 @@ def choose_resume(run_dir: Path, cfg: ExperimentConfig, checkpointer: Checkpoint
     if resume == "auto":
         path = checkpointer.newest_valid()
         if path is None and earlier:
-            log.warning("%s: no valid checkpoint to resume from; the run starts again from step 0", run_dir)
+            _restart(run_dir, cfg, held)
         return None if path is None else str(path)
     path = check_input(resume, "checkpoint.resume", "file")
     if earlier and path.resolve().parent != (run_dir / "checkpoints").resolve():
         raise RunDirError(f"{held}; continuing {path} of another run here would mix the two: give a new --run-dir")
     return str(path)
+
+
+def _restart(run_dir: Path, cfg: ExperimentConfig, held: str) -> None:
+    """resume=auto in a run directory without a valid checkpoint (killed before its first): the same
+    run starts again from step 0, if the config is the run's."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise RunDirError(
+            f"{held} but neither a valid checkpoint nor its config.yaml: give a new --run-dir, or add --fresh to "
+            f"move it aside to {run_dir}.old-<time>"
+        )
+    check_resumable(
+        to_dict(load_experiment(config)),
+        cfg,
+        f"{config}",
+        f"start a new run: a new --run-dir, or --fresh to move this one aside to {run_dir}.old-<time>",
+    )
+    log.warning("%s: no valid checkpoint to resume from; the run starts again from step 0", run_dir)
 
 
 def _end_training(acc) -> None:

@@ -33,6 +33,10 @@ def path_cases(tmp: Path, shards: Path, best: Path) -> dict[str, tuple[list[str]
             train + ["--run-dir", str(tmp / "r1"), f"checkpoint.resume={folder}"],
             f"checkpoint.resume {folder}: a folder, expected a file",
         ),
+        "train model.init_from=FOLDER": (
+            train + ["--run-dir", str(tmp / "r2"), f"model.init_from={folder}"],
+            f"model.init_from={folder}: a folder",
+        ),
         "train data.shards=FILE": (train + [f"data.shards={file}"], f"{file}: not a readable JSON manifest"),
         "evaluate --checkpoint FOLDER": (
             ["evaluate", "--checkpoint", str(folder), "--data", str(shards), "--output", str(tmp / "e1")],
@@ -182,6 +186,10 @@ def test_unreadable_and_unwritable_paths_are_one_line_naming_them(shards, refere
         (["synth", "--output", str(readonly / "s")], f"--output {readonly / 's'}: cannot write in {readonly}"),
         (train + ["--run-dir", str(readonly / "run")], f"--run-dir {readonly / 'run'}: cannot write in {readonly}"),
         (train + ["--run-dir", str(readonly)], f"--run-dir {readonly}: cannot write in {readonly}"),
+        (
+            train + ["--run-dir", str(tmp_path / "r"), f"model.init_from={locked / 'best.pt'}"],
+            f"{locked / 'best.pt'}: cannot read the checkpoint (Permission denied)",
+        ),
         (
             train + ["--run-dir", str(tmp_path / "r"), f"data.shards={locked / 'shards'}"],
             f"{locked / 'shards/manifest.json'}: cannot read the manifest (Permission denied)",

@@ -1,5 +1,5 @@
-"""A run directory belongs to one run: two runs started on it, a start that is refused,
-`checkpoint.resume=never` on an earlier run, a killed run's lock.
+"""A run directory belongs to one run: two runs started on it, a run that resumes with another
+config, a start that is refused, `checkpoint.resume=never` on an earlier run, a killed run's lock.
 
 Real `histo-dist train` processes where the process matters (the lock, the one-line errors, several
 ranks); `train()` in this process where only what a start leaves behind does.
@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from histo_dist.checkpoint import load_checkpoint
 from histo_dist.errors import HistoDistError
 from histo_dist.files import sha256_file
 from histo_dist.rundir import LEASE_S, LOCK_NAME, RunDirError, RunLock
@@ -27,6 +29,8 @@ from tests.faults.harness import BASE, ONE_RANK, no_traceback, train_cmd
 from tests.runs import (
     ROOT,
     assert_same_run,
+    assert_same_weights,
+    final_state,
     logged_step,
     records,
     run,
@@ -51,6 +55,16 @@ def config(shards: Path, *overrides: str):
 
 QUICK = ("train.max_steps=2", "schedule.warmup_steps=1", "data.test_split=")
 """A new run of two steps, validated at the end, without a test."""
+
+
+def interrupted_copy(reference: Path, tmp_path: Path) -> Path:
+    """The finished reference run as if killed after its checkpoint of step 12: it resumes there."""
+    run_dir = Path(shutil.copytree(reference, tmp_path / "run"))
+    for name in ("step-00000024.pt", "step-00000024.pt.sha256"):
+        (run_dir / "checkpoints" / name).unlink()
+    keep_records_until(run_dir / "metrics.jsonl", 12)
+    shutil.rmtree(run_dir / "test")
+    return run_dir
 
 
 def error_line(stderr: str) -> str:
@@ -190,6 +204,105 @@ def test_a_second_run_on_a_live_run_directory_fails_at_once_and_a_killed_runs_lo
 
 
 # ---------------------------------------------------------------------------------------------
+# Resuming with another config
+
+
+@pytest.mark.slow
+def test_a_resume_with_changed_values_is_refused_naming_them_and_writes_nothing(shards, reference_one, tmp_path):
+    """optim.lr was ignored (the restored schedule went on) while config.yaml said the new value;
+    loader.num_workers was refused by the loader after config.yaml and provenance.json had been
+    overwritten. Now both are named, with the way forward, before anything is written."""
+    run_dir = interrupted_copy(reference_one, tmp_path)
+    before = snapshot(run_dir)
+    out = run(train_cmd(shards, run_dir, *ONE_RANK, "optim.lr=0.0001", "loader.num_workers=0"))
+    assert out.returncode == 2
+    line = error_line(out.stderr)
+    checkpoint = run_dir / "checkpoints/step-00000012.pt"
+    assert f"error: {checkpoint}: cannot resume with " in line
+    assert "loader.num_workers: 1 -> 0" in line and "optim.lr: 0.002 -> 0.0001" in line
+    assert f"--run-dir NEW_DIR model.init_from={checkpoint}" in line
+    no_traceback(out.stderr)
+    assert snapshot(run_dir) == before
+    # The original command still resumes.
+    out = run(train_cmd(shards, run_dir, *ONE_RANK))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_weights(final_state(reference_one)["model"], final_state(run_dir)["model"])
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_number_of_ranks_is_refused_on_every_rank_and_writes_nothing(
+    shards, reference_one, tmp_path
+):
+    run_dir = interrupted_copy(reference_one, tmp_path)
+    before = snapshot(run_dir)
+    out = run(train_cmd(shards, run_dir, *ONE_RANK, ranks=2), timeout=300)
+    assert out.returncode != 0
+    assert "world_size: saved 1, now 2" in out.stderr and "model.init_from=" in out.stderr, out.stderr[-3000:]
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_values_that_may_change_on_resume_apply_and_are_listed(shards, reference_one, tmp_path):
+    run_dir = interrupted_copy(reference_one, tmp_path)
+    changes = [
+        "tracking.log_every_steps=3",
+        "train.eval_every_steps=6",
+        "checkpoint.keep_last=3",
+        "loader.eval_batch_size=16",
+        "test.tta=true",
+    ]
+    out = run(train_cmd(shards, run_dir, *ONE_RANK, *changes))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (listed,) = [line for line in out.stderr.splitlines() if "resuming with changed settings" in line]
+    for change in ("tracking.log_every_steps: 2 -> 3", "train.eval_every_steps: 0 -> 6", "test.tta: False -> True"):
+        assert change in listed
+    saved = (run_dir / "config.yaml").read_text()
+    assert "log_every_steps: 3" in saved and "eval_every_steps: 6" in saved and "keep_last: 3" in saved
+    assert [r["step"] for r in records(run_dir, "valid")] == [12, 18, 24]  # validated every 6 steps after 12
+    assert [r["step"] for r in records(run_dir, "train")][-3:] == [18, 21, 24]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt")) == [
+        f"step-{s:08d}.pt" for s in (12, 18, 24)
+    ]
+    assert "tta" in json.loads((run_dir / "test/metrics.json").read_text())
+    # Training itself is as it was: the same weights as the uninterrupted run.
+    assert_same_weights(final_state(reference_one)["model"], final_state(run_dir)["model"])
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(shards, reference_one, tmp_path):
+    """The way forward the refusal names: a new run from the weights, with the new values."""
+    from histo_dist.train import train
+
+    source = reference_one / "checkpoints/step-00000012.pt"
+    run_dir = tmp_path / "new"
+    cfg = config(shards, *QUICK, f"model.init_from={source}", "optim.lr=1e-12")
+    train(cfg, run_dir)
+    state = final_state(run_dir)
+    assert state["step"] == 2 and state["config"]["model"]["init_from"] == str(source)
+    for key, value in load_checkpoint(source)["model"].items():  # (a learning rate of 1e-12 moves nothing)
+        assert torch.allclose(value.float(), state["model"][key].float(), atol=1e-6), key
+    assert [r["step"] for r in records(run_dir, "train")] == [2]  # its own history from step 0
+
+
+def test_init_from_names_a_checkpoint_that_does_not_fit(reference_one, tmp_path):
+    from histo_dist.config import ConfigError
+    from histo_dist.experiment import load_experiment
+    from histo_dist.models import ModelConfig, ModelError, build_model
+
+    source = reference_one / "checkpoints/best.pt"
+    with pytest.raises(ModelError, match=rf"init_from={source}: its simple_cnn model for 2 classes does not fit "):
+        build_model(ModelConfig(name="compact_cnn", init_from=str(source)), 2)
+    with pytest.raises(ModelError, match=r"for 3 classes: shape mismatch \(2\): net.fc.1.weight"):
+        build_model(ModelConfig(init_from=str(source)), 3)
+    with pytest.raises(ModelError, match=rf"init_from={tmp_path}: a folder; give a training checkpoint"):
+        build_model(ModelConfig(init_from=str(tmp_path)), 2)
+    (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(HistoDistError, match=str(tmp_path / "weights.pt")):
+        build_model(ModelConfig(init_from=str(tmp_path / "weights.pt")), 2)
+    with pytest.raises(ConfigError, match=r"model.init_from: .* give one of them"):
+        load_experiment(None, [f"model.init_from={source}", "model.pretrained=imagenet", "model.name=resnet18"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Refused starts leave nothing; resume=never; --fresh
 
 
@@ -227,6 +340,25 @@ def test_resuming_another_runs_checkpoint_into_a_run_directory_is_refused(shards
     with pytest.raises(RunDirError, match=r"holds an earlier run .* would mix the two: give a new --run-dir"):
         train(config(shards, f"checkpoint.resume={other}/checkpoints/step-00000012.pt"), run_dir)
     assert snapshot(run_dir) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_only_with_its_own_config(shards, tmp_path, caplog):
+    from histo_dist.train import train
+
+    run_dir = tmp_path / "run"
+    train(config(shards, *QUICK), run_dir)
+    shutil.rmtree(run_dir / "checkpoints")  # as if killed before its first checkpoint
+    (run_dir / "checkpoints").mkdir()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # cut short by the kill
+    before = snapshot(run_dir)
+    with pytest.raises(HistoDistError, match=rf"{run_dir / 'config.yaml'}: cannot resume with optim.lr: 0.002 -> "):
+        train(config(shards, *QUICK, "optim.lr=0.01"), run_dir)
+    assert snapshot(run_dir) == before
+    with caplog.at_level(logging.WARNING):
+        train(config(shards, *QUICK), run_dir)
+    assert "no valid checkpoint to resume from; the run starts again from step 0" in caplog.text
+    assert [(r["kind"], r["step"]) for r in records(run_dir)] == [("train", 2), ("valid", 2)]
 
 
 @pytest.mark.parametrize("where", ["new nested folders", "an existing empty folder"])
