@@ -1,7 +1,9 @@
-"""What users give that is not what a command expects: paths that are the wrong kind of thing,
-missing, unreadable or unwritable.
+"""What users give that is not what a command expects: an ImageFolder tree with an empty class folder
+or files that would be left out, images that cannot become 8-bit RGB as they are, and paths that are
+the wrong kind of thing, missing, unreadable or unwritable.
 
-Each is one line naming it (`histo-dist CMD: error: ...`, exit 2), before any work; no traceback.
+Each is one line naming it (`histo-dist CMD: error: ...`, exit 2), before any work; no traceback,
+nothing converted other than it is, no sample left out silently.
 """
 
 from __future__ import annotations
@@ -13,11 +15,128 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from histo_dist.sources import SourceError, load_image
 from tests.faults.harness import no_traceback
 from tests.runs import ENV, ROOT
-from tests.source_data import cli, write_imagefolder
+from tests.source_data import cli, convert_args, make_images, read_webdataset, write_imagefolder, written
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder trees
+
+
+@pytest.mark.parametrize("layout", ["split folders", "one folder split here"])
+def test_an_empty_class_folder_is_named_not_made_a_class(tmp_path, capsys, layout):
+    """An empty folder used to become a class with no samples: a binary dataset turned 3-class, and a
+    3-class model trained to exit 0."""
+    src = tmp_path / "src"
+    if layout == "split folders":
+        write_imagefolder(src, {"train": 4, "valid": 2, "test": 2}, classes=("normal", "tumor"))
+        empty = src / "train" / "stroma"
+    else:
+        write_imagefolder(src, {"": 8}, classes=("normal", "tumor"), split_dirs=None)
+        empty = src / "stroma"
+    empty.mkdir()
+    rc, _, err = cli(capsys, *convert_args(src, tmp_path / "out"))
+    assert rc == 2 and f"error: {empty}: a class folder without images" in err, err
+    assert written(tmp_path / "out") == []
+
+
+STRAYS = {
+    "a text file in a class folder": (lambda src: src / "train/tumor/notes.txt", "not an image file of a type"),
+    "an image outside the class folders": (lambda src: src / "train/extra.png", "an image outside the class folders"),
+    "a folder beside the split folders": (lambda src: src / "holdout/tumor/a.png", "folder(s) holdout beside"),
+    "two folders for one split": (lambda src: src / "val/tumor/a.png", "valid and val are both the valid split"),
+}
+
+
+@pytest.mark.parametrize("stray", STRAYS)
+def test_files_that_would_be_left_out_are_named(tmp_path, capsys, stray):
+    src = tmp_path / "src"
+    write_imagefolder(src, {"train": 4, "valid": 2, "test": 2}, classes=("normal", "tumor"))
+    where, message = STRAYS[stray]
+    path = where(src)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(make_images(1)[0]).save(path, format="PNG")
+    rc, _, err = cli(capsys, *convert_args(src, tmp_path / "out"))
+    assert rc == 2 and message in err, err
+    assert written(tmp_path / "out") == []
+
+
+def test_hidden_files_are_not_samples(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_imagefolder(src, {"train": 4, "valid": 2, "test": 2}, classes=("normal", "tumor"))
+    (src / "train/tumor/.DS_Store").write_bytes(b"\0\1")
+    (src / "train/normal/.ipynb_checkpoints").mkdir()
+    rc, _, err = cli(capsys, *convert_args(src, tmp_path / "out"))
+    assert rc == 0, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: converted exactly, or refused by name
+
+
+def rgb() -> np.ndarray:
+    return make_images(1, seed=3)[0]
+
+
+def rgba(alpha: int) -> Image.Image:
+    return Image.fromarray(np.dstack([rgb(), np.full((96, 96), alpha, np.uint8)]), "RGBA")
+
+
+# kind: (the file's image, format, the pixels a conversion must give (None: refused), what the refusal says)
+IMAGES = {
+    "grayscale": (lambda: Image.fromarray(rgb()[..., 0]), "PNG", lambda: np.repeat(rgb()[..., :1], 3, 2), ""),
+    "palette": (lambda: Image.fromarray(rgb()).quantize(64), "PNG", None, ""),
+    "opaque RGBA": (lambda: rgba(255), "PNG", rgb, ""),
+    "transparent RGBA": (lambda: rgba(128), "PNG", None, "has transparent pixels (mode RGBA)"),
+    "16-bit grayscale": (
+        lambda: Image.fromarray(rgb()[..., 0].astype(np.uint16) * 257),
+        "PNG",
+        None,
+        "PIL mode I;16 cannot become 8-bit RGB without loss",
+    ),
+    "32-bit float": (
+        lambda: Image.fromarray(rgb()[..., 0].astype(np.float32) / 255),
+        "TIFF",
+        None,
+        "PIL mode F cannot become",
+    ),
+    "CMYK": (lambda: Image.fromarray(rgb()).convert("CMYK"), "TIFF", None, "PIL mode CMYK cannot become"),
+    "two pages": (lambda: Image.fromarray(rgb()), "TIFF", None, "holds 2 images (frames or pages)"),
+}
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+def test_an_image_converts_exactly_or_is_refused_by_name(tmp_path, capsys, kind):
+    make, fmt, expected, refusal = IMAGES[kind]
+    src = tmp_path / "src"
+    items = write_imagefolder(src, {"train": 3, "valid": 2, "test": 2}, classes=("normal", "tumor"))
+    old, label, _ = items["valid"][0]
+    old.unlink()
+    path = old.with_suffix(".tif" if fmt == "TIFF" else ".png")
+    image = make()
+    extra = {"save_all": True, "append_images": [make()]} if kind == "two pages" else {}
+    image.save(path, format=fmt, **extra)
+    rc, _, err = cli(capsys, *convert_args(src, tmp_path / "out"))
+    if refusal:  # (found while shards are written: the complete ones stay, as after a kill; no manifest)
+        assert rc == 2 and f"error: {path}: {refusal}" in err, err
+        assert not (tmp_path / "out/manifest.json").exists()
+        return
+    assert rc == 0, err
+    sample = next(s for s in read_webdataset(tmp_path / "out", "valid") if s["json"]["source"] == str(path))
+    want = expected() if expected else np.asarray(Image.open(path).convert("RGB"))  # a palette: its exact colours
+    assert sample["cls"] == label and np.array_equal(sample["npy"], want)
+
+
+def test_predict_reads_images_by_the_same_rules(tmp_path):
+    rgba(0).save(tmp_path / "clear.png")
+    with pytest.raises(SourceError, match=r"clear.png: has transparent pixels"):
+        load_image(str(tmp_path / "clear.png"))
+
 
 # ---------------------------------------------------------------------------------------------
 # Paths of the wrong kind, or missing: every command
