@@ -230,7 +230,7 @@ def run_ours(shards: Path, budget: float, seed: int, work: Path, env: dict[str, 
             f"data.shards={shards}",
             f"train.time_budget={budget:.0f}s",
             f"train.seed={seed}",
-            "checkpoint.resume=never",
+            "--fresh",  # a rerun starts over: an earlier run there is moved aside
             "tracking.progress=false",
             "tracking.wandb=false",
         ],

@@ -51,8 +51,11 @@ class CheckpointConfig:
     keep_last: int = 2
     """How many of the newest step checkpoints to keep (the best one is kept besides)."""
     resume: str = "auto"
-    """'auto' continues from the newest valid checkpoint in the run directory (fresh start when none),
-    'never' always starts fresh, or a path to a checkpoint file."""
+    """'auto' continues the run in the run directory from its newest valid checkpoint (a new run when the directory
+    holds none), 'never' starts a new run (refused in a directory holding one: see --fresh), or a checkpoint file to
+    continue (another run's: into a new run directory). The config may differ only in values that apply on resume
+    (tracking, test, checkpoint, train.eval_every_steps, loader.eval_batch_size); for other changes start a new run
+    from the weights with model.init_from."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -153,17 +156,6 @@ class Checkpointer:
             log.warning("skipping checkpoint %s: %s", path, why)
         return None
 
-    def resume_path(self) -> Path | None:
-        """What `resume` in the config points at: a file, the newest valid one, or None."""
-        if self.cfg.resume == "never":
-            return None
-        if self.cfg.resume == "auto":
-            return self.newest_valid()
-        path = Path(self.cfg.resume)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint.resume={path}: no such file")
-        return path
-
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with weights_only=True: tensors and plain containers only, no code runs."""
@@ -177,6 +169,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a folder; give a checkpoint file such as RUN/checkpoints/best.pt") from None
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
     except pickle.UnpicklingError as e:  # torch's text suggests weights_only=False: never, for a file it refused
         detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(

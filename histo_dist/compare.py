@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import check_input
 
 ROWS = (
     "accuracy",
@@ -41,17 +42,15 @@ class CompareError(HistoDistError):
 
 
 def find_metrics(location: str | Path) -> Path:
-    path = Path(location)
+    path = check_input(location, "evaluation")
     if path.is_file():
         return path
-    if path.is_dir():
-        for name in ("metrics.json", "test/metrics.json"):
-            if (path / name).is_file():
-                return path / name
-        raise CompareError(
-            f"{path}: holds neither metrics.json (histo-dist evaluate) nor test/metrics.json (a training run)"
-        )
-    raise CompareError(f"{path}: no such file or folder")
+    for name in ("metrics.json", "test/metrics.json"):
+        if (path / name).is_file():
+            return path / name
+    raise CompareError(
+        f"{path}: holds neither metrics.json (histo-dist evaluate) nor test/metrics.json (a training run)"
+    )
 
 
 def load_evaluation(location: str | Path) -> dict[str, Any]:

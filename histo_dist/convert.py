@@ -29,7 +29,7 @@ import numpy as np
 from histo_dist import __version__
 from histo_dist.config import add_dataclass_arguments, from_namespace
 from histo_dist.errors import HistoDistError
-from histo_dist.files import sha256_file, write_atomic
+from histo_dist.files import check_input, check_output, sha256_file, write_atomic
 from histo_dist.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -270,22 +270,23 @@ class ConvertReport:
 
 def convert(cfg: ConvertConfig) -> ConvertReport:
     """Convert (with --part: write this part's shards only, no manifest)."""
-    in_root = Path(cfg.input)
-    if not in_root.is_dir():
-        raise HistoDistError(f"--input {in_root}: not a folder")
-    out = Path(cfg.output or Path("shards") / in_root.resolve().name)
+    in_root = check_input(cfg.input, "--input", "folder")
+    out = check_output(cfg.output or Path("shards") / in_root.resolve().name, "--output", "folder")
     refuse_finished(out, cfg.overwrite)
     part = cfg.part_slice if cfg.part else None
     work_dir = out / (WORK_DIR if part is None else f"{WORK_DIR}-part{part[0]}of{part[1]}")  # one per task
 
     kind = detect_format(in_root) if cfg.format == "auto" else cfg.format
     t0 = time.perf_counter()
-    if kind == "pcam":
-        source = open_pcam(in_root, cfg.split_list, work_dir, cfg.progress)
-    elif kind == "imagefolder":
-        source = open_imagefolder(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
-    else:
-        source = open_kaggle(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+    try:
+        if kind == "pcam":
+            source = open_pcam(in_root, cfg.split_list, work_dir, cfg.progress)
+        elif kind == "imagefolder":
+            source = open_imagefolder(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+        else:
+            source = open_kaggle(in_root, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+    except OSError as e:  # a folder or file of the input that cannot be listed or read
+        raise HistoDistError(f"{e.filename or in_root}: cannot read ({e.strerror or e})") from None
     try:
         if cfg.overwrite:
             remove_previous(out, keep=work_dir)

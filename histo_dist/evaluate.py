@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from histo_dist.evaluation import EvalOptions, evaluate_split, scalars, write_evaluation
+from histo_dist.files import check_input, check_output
 from histo_dist.inference import InferenceOptions, check_classes, check_size, load_inference_model
 from histo_dist.metrics import EvaluationError, parse_threshold
 
@@ -78,6 +79,9 @@ def evaluate(cfg: EvalConfig, accelerator=None) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems, "evaluate options")
     spec = parse_threshold(cfg.threshold)
+    check_input(cfg.checkpoint, "--checkpoint", "file")
+    check_input(cfg.data, "--data")
+    check_output(cfg.output, "--output", "folder")
     # Everything that can be checked without the data is, before any process group or pass.
     model = load_inference_model(cfg.checkpoint, cfg.weights)
     manifest = Manifest.load(cfg.data)

@@ -15,8 +15,10 @@ duplicates); the predictions of all ranks are gathered onto every rank, sorted b
 against the manifest's sample count. Functions that gather are collectives: every rank calls them
 with the same arguments. Only the main process writes.
 
-Outputs are written atomically, and a folder holds one evaluation: the previous `metrics.json` is
-removed first and the new one written last, so a `metrics.json` always describes the files beside it.
+A folder holds one evaluation, replaced as one set: the new files are written whole (atomically)
+into a hidden staging folder beside the old ones, then moved into place, the old set's `metrics.json`
+removed first and the new one moved in last. A `metrics.json` always describes the files beside it;
+an evaluation killed while it computes or writes leaves the earlier set as it was.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import io
 import json
 import logging
 import math
+import os
+import shutil
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +65,8 @@ OUTPUT_FILES = (
     "errors.png",
 )
 """What an evaluation folder holds (metrics.json is written last: the mark of a complete set)."""
+STAGING = ".evaluation-*.partial"
+"""The hidden folders where a new set is written before it replaces the old one."""
 
 
 @dataclass
@@ -487,11 +494,30 @@ def write_evaluation(
     plots: bool = True,
     metrics_jsonl: Path | None = None,
 ) -> dict[str, Path]:
-    """One evaluation's files in `folder`: predictions.csv, the plots, then metrics.json. Outputs of an
-    earlier evaluation there go first, metrics.json before anything else. Returns {plot name: path}."""
+    """One evaluation's files in `folder` (predictions.csv, the plots, metrics.json), replacing an earlier
+    evaluation's files there as one set. Returns {plot name: path}."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:  # metrics.json first: from here on the folder holds no complete set
-        (folder / name).unlink(missing_ok=True)
+    for leftover in folder.glob(STAGING):  # of a killed evaluation
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = folder / STAGING.replace("*", uuid.uuid4().hex[:12])
+    stage.mkdir()
+    try:
+        images = _write_set(stage, results, pred, plots, metrics_jsonl)
+        (folder / "metrics.json").unlink(missing_ok=True)  # from here on the folder holds no complete set
+        for name in (n for n in OUTPUT_FILES if n != "metrics.json"):
+            if (stage / name).exists():
+                os.replace(stage / name, folder / name)
+            else:  # the earlier set's, not part of this one
+                (folder / name).unlink(missing_ok=True)
+        os.replace(stage / "metrics.json", folder / "metrics.json")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {name: folder / path.name for name, path in images.items()}
+
+
+def _write_set(
+    folder: Path, results: dict[str, Any], pred: SplitPredictions, plots: bool, metrics_jsonl: Path | None
+) -> dict[str, Path]:
     names = list(results["label_names"])
     tta = results.get("tta") or {}
     write_predictions(folder / "predictions.csv", pred, names, results.get("threshold"), tta.get("threshold"))

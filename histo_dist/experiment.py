@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from histo_dist.augment import AugmentConfig
 from histo_dist.budget import MIN_CALIBRATION_STEPS, BudgetError, parse_duration
 from histo_dist.checkpoint import CheckpointConfig
-from histo_dist.config import load_config
+from histo_dist.config import load_config, to_dict
 from histo_dist.evaluation import EvalOptions
 from histo_dist.loader import LoaderConfig
 from histo_dist.metrics import METRIC_NAMES
@@ -176,3 +176,46 @@ class ExperimentConfig:
 def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Defaults, updated by the YAML file at `path`, updated by dotted `key=value` overrides."""
     return load_config(ExperimentConfig, path, overrides)
+
+
+RESUMABLE = (
+    "tracking.",
+    "test.",
+    "checkpoint.",
+    "train.eval_every_steps",
+    "train.dist_timeout_s",
+    "train.grad_accum_steps",
+    "loader.batch_size",
+    "loader.eval_batch_size",
+    "loader.num_workers",
+    "loader.prefetch_factor",
+    "loader.pin_memory",
+)
+"""Config values a resumed run may change (prefixes of dotted keys): they take effect from the resume on and leave
+training as it was (logging, progress bar, W&B, validation and checkpoint cadence, evaluation batch size, the final
+test, how many workers read and how). The micro-batch and accumulation may change too (elastic resume): the run
+keeps the checkpoint's global batch, and the resume is refused when they cannot make it. Every other value is part
+of the run's state: its checkpoints' optimizer, schedule, loader position and weights were made with it, and would
+not follow a new value."""
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(old: dict[str, Any], new: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """What `new` changes from a run's config `old` (plain data, as a checkpoint or config.yaml holds it), each as
+    'key: old -> new': (changes that may apply on resume, changes that may not). A key `old` lacks (written before
+    the option existed) counts as its default."""
+    before = {**_flat(to_dict(ExperimentConfig())), **_flat(old)}
+    allowed, refused = [], []
+    for key, value in _flat(to_dict(new)).items():
+        if before.get(key) != value:
+            (allowed if key.startswith(RESUMABLE) else refused).append(f"{key}: {before.get(key)} -> {value}")
+    return allowed, refused

@@ -163,7 +163,7 @@ def load_inference_model(path: str | Path, weights: Literal["auto", "model", "em
     weight_state, weights = model_weights(state, weights, path)
     # The architecture alone: the checkpoint holds every weight, so the pretrained file (which may
     # not exist on this machine) is not needed.
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None, freeze="none"), num_classes)
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None, init_from=None, freeze="none"), num_classes)
     mismatch = describe_mismatch(model.state_dict(), weight_state)
     if mismatch:
         raise CheckpointError(

@@ -138,14 +138,18 @@ class Manifest:
         path = Path(location)
         if path.is_dir():
             path = path / MANIFEST_NAME
-        if not path.exists():
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
             hint = " (did the conversion finish? run `histo-dist convert` again to complete it)"
             raise ManifestError(
                 f"{path}: no manifest; expected the {MANIFEST_NAME} that `histo-dist convert` writes{hint}"
-            )
+            ) from None
+        except OSError as e:
+            raise ManifestError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
             raise ManifestError(f"{path}: not a readable JSON manifest ({e})") from None
         try:
             return cls._from_json(data, path.parent)

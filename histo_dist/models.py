@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from histo_dist.checkpoint import WRAPPER_PREFIXES, strip_prefixes
+from histo_dist.checkpoint import WRAPPER_PREFIXES, model_weights, read_training_checkpoint, strip_prefixes
 from histo_dist.config import ConfigError
 from histo_dist.errors import HistoDistError
 
@@ -250,6 +250,10 @@ class ModelConfig:
     pretrained: str | None = None
     """Backbone weights: null = random init; "imagenet" (or a torchvision weights name such as IMAGENET1K_V1) = from the
     local torch hub cache, never downloaded; else the path of a state dict file (torch.load or .safetensors)."""
+    init_from: str | None = None
+    """A training checkpoint (RUN/checkpoints/best.pt or step-*.pt) whose model weights, head included, start this
+    run (its trained weights, not its EMA average); optimizer, schedule and data order start fresh. The way to go on
+    training with values a resume refuses to change (learning rate, batch size, ranks, epochs...): a new run dir."""
     freeze: str = "none"
     """Frozen part: none, all (train only the new head), or a stage name freezing the stem up to and including it
     (resnets: stem, layer1..layer4)."""
@@ -269,6 +273,11 @@ class ModelConfig:
             problems.append(f"width: must be in [1, 4096], got {self.width}")
         if not 1 <= len(self.depths) <= 8 or not all(1 <= d <= 64 for d in self.depths):
             problems.append(f"depths: 1 to 8 stages of 1 to 64 layers or blocks each, got {list(self.depths)}")
+        if self.init_from and self.pretrained:
+            problems.append(
+                f"init_from: {self.init_from} gives every weight, and pretrained: {self.pretrained} the backbone's; "
+                "give one of them"
+            )
         if self.name not in ARCHITECTURES:
             close = difflib.get_close_matches(self.name, MODEL_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -387,7 +396,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     if cfg.pretrained:
         _load_backbone(net, cfg.name, cfg.pretrained)
     model = Classifier(cfg.name, net)
-    if cfg.freeze != "none" and not cfg.pretrained:
+    if cfg.init_from:
+        _init_from(model, cfg, num_classes)
+    if cfg.freeze != "none" and not (cfg.pretrained or cfg.init_from):
         log.warning("model.freeze=%s with random weights: the frozen layers stay random", cfg.freeze)
     if cfg.freeze == "all":
         for p in model.backbone_parameters():
@@ -454,6 +465,29 @@ def _load_backbone(net: nn.Module, name: str, pretrained: str) -> None:
         raise ModelError(f"weights file {path} does not fit the {name} backbone: {mismatch}")
     net.load_state_dict(state, strict=False)  # strict on the backbone above; the head is new
     log.info("model %s: backbone weights loaded from %s", name, path)
+
+
+def _init_from(model: Classifier, cfg: ModelConfig, num_classes: int) -> None:
+    """model.init_from: every weight from a training checkpoint, which must fit the architecture exactly."""
+    path = Path(cfg.init_from).expanduser()
+    if not path.is_file():
+        raise ModelError(
+            f"model.init_from={cfg.init_from}: {'a folder' if path.is_dir() else 'no such file'}; give a training "
+            "checkpoint such as RUN/checkpoints/best.pt"
+        )
+    state = read_training_checkpoint(path)
+    weights, _ = model_weights(state, "model", path)
+    mismatch = describe_mismatch(model.state_dict(), weights)
+    if mismatch:
+        saved = state["config"].get("model", {}) if isinstance(state["config"], dict) else {}
+        raise ModelError(
+            f"model.init_from={path}: its {saved.get('name', '?')} model for {state['num_classes']} classes does not "
+            f"fit model.name={cfg.name} for {num_classes} classes: {mismatch}"
+        )
+    model.load_state_dict(weights)
+    log.info(
+        "model %s: weights from %s (step %s); optimizer and schedule start fresh", cfg.name, path, state.get("step")
+    )
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

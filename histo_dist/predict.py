@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from histo_dist.errors import HistoDistError
+from histo_dist.files import check_input, check_output
 from histo_dist.inference import (
     InferenceModel,
     InferenceOptions,
@@ -88,8 +89,6 @@ def _sized(images: torch.Tensor, model: InferenceModel, resize: bool, where: str
 
 def open_input(cfg: PredictConfig, model: InferenceModel) -> Batches:
     path = Path(cfg.input)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
     if path.is_dir() and (path / "manifest.json").exists() or path.name == "manifest.json":
         return _shards(path if path.is_dir() else path.parent, cfg, model)
     if path.suffix == ".gz":
@@ -229,6 +228,9 @@ def predict(cfg: PredictConfig) -> str:
     problems = cfg.validate()
     if problems:
         raise ConfigError(problems, "predict options")
+    check_input(cfg.checkpoint, "--checkpoint", "file")
+    check_input(cfg.input, "--input")
+    out = check_output(cfg.output, "--output", "file")
     model = load_inference_model(cfg.checkpoint, cfg.weights)
     threshold, threshold_tta = read_thresholds(cfg.threshold) if model.binary else (None, None)
     source = open_input(cfg, model)
@@ -244,7 +246,6 @@ def predict(cfg: PredictConfig) -> str:
             resize=cfg.resize,
             progress=bar.update,
         )
-    out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, predictions, list(model.label_names), threshold, threshold_tta)
     summary = f"wrote {len(predictions.keys)} predictions for {source.kind} to {out}"

@@ -104,13 +104,22 @@ def file_record(path: Path, root: Path, with_hash: bool = True) -> dict:
     return record
 
 
+LOSSLESS_MODES = {"RGB", "L", "1", "P"}
+"""PIL modes that become 8-bit RGB exactly (grey and palette values copied); opaque RGBA, LA and PA too."""
+
+
 def load_image(path: str, expected_shape: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H,W,3); a clear error names an unreadable or odd-sized file."""
+    """Decode an image file to RGB uint8 (H,W,3) exactly as it is, or refuse it by name: unreadable, of an
+    odd size, or not convertible without loss (transparent pixels, 16-bit or float values, CMYK; several
+    frames or pages)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                raise SourceError(f"{path}: holds {frames} images (frames or pages); give one image per file")
+            array = _exact_rgb(im, path)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise SourceError(f"{path}: cannot read image ({e})") from None
     if expected_shape is not None and array.shape != tuple(expected_shape):
@@ -119,6 +128,23 @@ def load_image(path: str, expected_shape: tuple[int, int, int] | None = None) ->
             "like the other images of this dataset (all images of a dataset must have one size)"
         )
     return array
+
+
+def _exact_rgb(im, path: str) -> np.ndarray:
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        if np.asarray(im.getchannel("A")).min() < 255:
+            raise SourceError(
+                f"{path}: has transparent pixels (mode {im.mode}); flatten it onto a background first (their colour "
+                "under the transparency is not the image)"
+            )
+    elif im.mode not in LOSSLESS_MODES:
+        raise SourceError(
+            f"{path}: PIL mode {im.mode} cannot become 8-bit RGB without loss (16-bit or float values would be "
+            "clipped, CMYK or Lab converted without its colour profile); convert it to 8-bit RGB first"
+        )
+    return np.asarray(im.convert("RGB"))
 
 
 def _read_h5_rows(path: str, indices: np.ndarray) -> np.ndarray:
@@ -295,18 +321,46 @@ def _check_pcam_h5(path: Path, dataset: str) -> tuple[int, tuple[int, int, int]]
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images of a class folder, searched recursively. Every file there is a sample: one that is not an
+    image this converter reads is refused by name, never skipped (hidden files such as .DS_Store aside)."""
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        raise SourceError(
+            f"{others[0]}{more}: not an image file of a type histo-dist reads ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            "every file in a class folder is a sample: convert it or move it out"
+        )
+    if not files:
+        raise SourceError(
+            f"{folder}: a class folder without images; a class needs samples (remove the folder, or fill it)"
+        )
+    return files
 
 
 def open_imagefolder(root: Path, valid_fraction: float, test_fraction: float, seed: int) -> Source:
     """`ROOT/{train,valid,test}/{class}/...` (splits as given) or `ROOT/{class}/...` (split from seed)."""
     split_dirs = {}
     for split, names in SPLIT_DIR_NAMES.items():
-        for name in names:
-            if (root / name).is_dir():
-                split_dirs[split] = root / name
+        found = [root / name for name in names if (root / name).is_dir()]
+        if len(found) > 1:
+            raise SourceError(f"{root}: {' and '.join(p.name for p in found)} are both the {split} split; keep one")
+        if found:
+            split_dirs[split] = found[0]
     if split_dirs and "train" not in split_dirs:
         raise SourceError(f"{root}: has {', '.join(str(p.name) for p in split_dirs.values())} but no train/ folder")
+    if split_dirs:
+        known = {name for names in SPLIT_DIR_NAMES.values() for name in names}
+        other = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in known and p.name[0] != ".")
+        if other:
+            raise SourceError(
+                f"{root}: folder(s) {', '.join(other)} beside the split folders would not be converted; splits are "
+                f"{', '.join(sorted(known))}"
+            )
     class_root = split_dirs.get("train", root)
     classes = sorted(p.name for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -316,10 +370,16 @@ def open_imagefolder(root: Path, valid_fraction: float, test_fraction: float, se
 
     def listing(folder: Path) -> tuple[list[str], list[int]]:
         files, labels = [], []
-        extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
+        extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes and p.name[0] != ".")
         if extra:
             raise SourceError(
                 f"{folder}: class folder(s) {', '.join(extra)} are not among the train classes {', '.join(classes)}"
+            )
+        loose = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if loose:
+            raise SourceError(
+                f"{folder / loose[0]}{f' (and {len(loose) - 1} more)' if len(loose) > 1 else ''}: an image outside "
+                "the class folders has no label; move it into its class folder"
             )
         for label, name in enumerate(classes):
             if (folder / name).is_dir():
@@ -327,7 +387,7 @@ def open_imagefolder(root: Path, valid_fraction: float, test_fraction: float, se
                 files += [str(p) for p in found]
                 labels += [label] * len(found)
         if not files:
-            raise SourceError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+            raise SourceError(f"{folder}: no class folders with images ({', '.join(classes)} expected)")
         return files, labels
 
     if split_dirs:

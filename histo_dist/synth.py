@@ -41,7 +41,7 @@ from statistics import NormalDist
 import numpy as np
 
 from histo_dist.errors import HistoDistError
-from histo_dist.files import atomic_path
+from histo_dist.files import atomic_path, check_output
 
 HELP = "write a synthetic PCam-format dataset (H&E-like patches, no download needed)"
 
@@ -153,9 +153,7 @@ def write_synthetic_pcam(cfg: SynthConfig, progress: bool = False) -> dict:
     import h5py
     from tqdm import tqdm
 
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise HistoDistError(f"output {out} exists and is not a folder")
+    out = check_output(cfg.output, "--output", "folder")
     counts = {"train": cfg.n_train, "valid": cfg.n_valid, "test": cfg.n_test}
     files = {split: pcam_paths(out, split) for split in SPLITS}
     existing = [str(p) for split in SPLITS for p in files[split].values() if p.exists()]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from histo_dist.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -115,6 +117,34 @@ class RunLog:
                 type(e).__name__,
                 e,
             )
+
+
+def keep_records_until(path: Path, step: int) -> None:
+    """Cut metrics.jsonl back to the checkpoint of `step` a run resumes from (0: a run started again): the
+    records of the lost continuation after it (later steps, and the final test, which follows the last
+    checkpoint) and a line cut short by a kill go, so the file reads as one run's history, as an
+    uninterrupted run writes it, not two attempts interleaved."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("step", 0) < step or (record.get("step") == step and record.get("kind") != "test"):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) < len(lines):
+        write_atomic(path, "".join(kept))
+        log.info(
+            "%s: %d records after step %d dropped (the attempt that logged them was lost)",
+            path,
+            len(lines) - len(kept),
+            step,
+        )
 
 
 def _stable_run_id(run_dir: Path) -> str:

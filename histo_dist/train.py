@@ -5,9 +5,11 @@
     accelerate launch --multi_gpu --num_processes 2 -m histo_dist train --config ... (2 ranks)
 
 The run, top to bottom: load and check the config (before any data is read), build the
-Accelerator (DDP, mixed precision, gradient accumulation), per-rank loaders (not passed through
+Accelerator (DDP, mixed precision, gradient accumulation), take the run directory (rank 0 locks it
+and decides what the start continues: `choose_resume`), per-rank loaders (not passed through
 `accelerator.prepare`: each rank reads its own part), model, optimizer and schedule, resume from
-the newest valid checkpoint, then the loop: train steps, validation when the `Validator` says so,
+the checkpoint (its config compared with this one), write config.yaml and provenance.json (only
+now: a refused start writes nothing), then the loop: train steps, validation when the `Validator` says so,
 checkpoints when the `Checkpointer` says so, logging; finally the best checkpoint is evaluated on
 the test split exactly as `histo-dist evaluate` would (evaluation.py), into RUN/test/.
 """
@@ -22,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +38,8 @@ from histo_dist.config import to_dict
 from histo_dist.ema import EMA, broadcast_buffers
 from histo_dist.errors import HistoDistError
 from histo_dist.evaluation import evaluate_split, gather_objects, scalars, validate_split, write_evaluation
-from histo_dist.experiment import ExperimentConfig, load_experiment
-from histo_dist.files import write_atomic
+from histo_dist.experiment import RESUMABLE, ExperimentConfig, load_experiment, resume_changes
+from histo_dist.files import check_input, write_atomic
 from histo_dist.inference import InferenceModel
 from histo_dist.loader import ShardLoader
 from histo_dist.manifest import Manifest
@@ -44,8 +47,8 @@ from histo_dist.metrics import is_better
 from histo_dist.models import build_model, make_deterministic
 from histo_dist.optim import LRSchedule, build_optimizer
 from histo_dist.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
-from histo_dist.rundir import default_run_dir, provenance, write_run_files
-from histo_dist.tracking import RunLog, setup_logging
+from histo_dist.rundir import RunDirClaim, RunDirError, default_run_dir, earlier_run, provenance, write_run_files
+from histo_dist.tracking import RunLog, keep_records_until, setup_logging
 
 log = logging.getLogger(__name__)
 UNPLANNED = sys.maxsize  # the length of a budgeted run before its plan
@@ -121,14 +124,31 @@ class Validator:
         return bool(self.patience and self.evals_without_improvement >= self.patience)
 
 
+def make_accelerator(cfg: ExperimentConfig):
+    """The Accelerator of a run: DDP when launched on several ranks, mixed precision, gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    t = cfg.train
+    use_cpu = t.cpu or not torch.cuda.is_available()
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=resolve_precision(t.mixed_precision, use_cpu),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s))],
+        # Our loaders are not `prepare`d, so accumulation syncs every k micro-batches, never on a
+        # dataloader end it cannot see; epochs are cut to multiples of k below.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=t.grad_accum_steps, sync_with_dataloader=False
+        ),
+        log_with="wandb" if cfg.tracking.wandb and cfg.tracking.mode != "disabled" else None,
+    )
+
+
 class Trainer:
     """A small orchestrator: owns the model, optimizer, schedule and loaders, and asks the Validator
     and the Checkpointer when to act."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, accelerator=None):
-        from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
-
         self.cfg, self.run_dir = cfg, run_dir
         t = cfg.train
         if t.deterministic:
@@ -136,18 +156,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
-        use_cpu = t.cpu or not torch.cuda.is_available()
-        self.accelerator = accelerator or Accelerator(
-            cpu=use_cpu,
-            mixed_precision=resolve_precision(t.mixed_precision, use_cpu),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s))],
-            # Our loaders are not `prepare`d, so accumulation syncs every k micro-batches, never on a
-            # dataloader end it cannot see; epochs are cut to multiples of k below.
-            gradient_accumulation_plugin=GradientAccumulationPlugin(
-                num_steps=t.grad_accum_steps, sync_with_dataloader=False
-            ),
-            log_with="wandb" if cfg.tracking.wandb and cfg.tracking.mode != "disabled" else None,
-        )
+        self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         self.rank, self.world_size, self.device = acc.process_index, acc.num_processes, acc.device
         torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -593,7 +602,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def load(self, path: Path) -> None:
+        """Continue the run from checkpoint `path` (every rank). Refused, before anything is loaded, when the
+        config changes a value the checkpoint's state was made with."""
         state = read_training_checkpoint(path)  # to CPU; load_state_dict copies onto the device
+        check_resumable(state["config"], self.cfg, f"{path}", f"start a new run from its weights: {new_run(path)}")
         acc = self.accelerator
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -601,7 +613,10 @@ class Trainer:
         loader_state = state["loader"]  # rank 0 saved it; positions are global (any number of ranks)
         if loader_state.get("global_batch") not in (None, self.train_loader.global_batch):
             self.keep_global_batch(int(loader_state["global_batch"]), path)
-        self.train_loader.load_state_dict(loader_state)
+        try:
+            self.train_loader.load_state_dict(loader_state)
+        except HistoDistError as e:
+            raise HistoDistError(f"{path}: {e}, or start a new run from its weights: {new_run(path)}") from None
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if acc.scaler is not None and "scaler" in state:
@@ -660,9 +675,6 @@ class Trainer:
     def fit(self, run_log: RunLog) -> dict[str, Any]:
         from tqdm import tqdm
 
-        resume = self.checkpointer.resume_path()
-        if resume is not None:
-            self.load(resume)
         bar = tqdm(
             total=None if self.total_steps == UNPLANNED else self.total_steps,
             initial=self.step,
@@ -731,51 +743,160 @@ class _WorkerAugment:
 # ---------------------------------------------------------------------------------------------
 
 
-def train(cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None = None) -> dict[str, Any]:
-    """The whole run on this process's rank; returns the test results (complete on the main process)."""
+def train(
+    cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None = None, fresh: bool = False
+) -> dict[str, Any]:
+    """The whole run on this process's rank; returns the test results (complete on the main process).
+
+    A start writes nothing into the run directory until every check has passed: the directory is free
+    (the lock), no earlier run would be mixed with this one, and a resume accepts the config and the
+    loader's position. A refused start leaves the directory as it was."""
     from accelerate.utils import broadcast_object_list
 
-    trainer = Trainer(cfg, Path("."))  # run_dir is settled below, once ranks agree on it
-    acc = trainer.accelerator
+    acc = make_accelerator(cfg)
     setup_logging(acc.process_index, acc.num_processes)
     chosen = [str(run_dir or default_run_dir(config_path))]
     broadcast_object_list(chosen)  # the main process's timestamp names the run on every rank
     run_dir = Path(chosen[0])
-    trainer.run_dir = run_dir
-    trainer.checkpointer.folder = run_dir / "checkpoints"
-    if acc.is_main_process:
-        write_run_files(
-            run_dir,
-            cfg,
-            provenance(
-                world_size=acc.num_processes,
-                device_type=acc.device.type,
-                mixed_precision=acc.mixed_precision,
-                manifest=trainer.manifest,
-            ),
-        )
-    acc.wait_for_everyone()
-    run_log = RunLog(acc, run_dir, cfg.tracking, to_dict(cfg))
-    trainer.preemption.install()
+    claim = RunDirClaim(run_dir)
+
+    def decide() -> str | None:  # first, before data and model are built: a busy directory fails at once
+        claim.take()
+        return choose_resume(run_dir, cfg, Checkpointer(run_dir / "checkpoints", cfg.checkpoint), fresh)
+
     try:
-        results = trainer.fit(run_log)
+        resume = _main_decides(acc, decide)
+        trainer = Trainer(cfg, run_dir, acc)
+        if resume is not None:
+            trainer.load(Path(resume))
         if acc.is_main_process:
-            log.info("run finished: %s", run_dir)
-            if cfg.loader.skip_corrupt:
-                log.warning(
-                    "corrupt samples skipped (loader.skip_corrupt): %d in training%s; the warnings above name them",
-                    trainer.skipped_samples,
-                    f", {results.get('skipped_samples', 0)} in the test split" if results else "",
-                )
-            if results:
-                log.info(
-                    "test (%s): %s",
-                    run_dir / "test" / "metrics.json",
-                    " ".join(f"{k}={v:.4f}" for k, v in scalars(results).items() if isinstance(v, float)),
-                )
-        return results
+            if fresh and earlier_run(run_dir):
+                claim.move_earlier_run_aside()
+            write_run_files(
+                run_dir,
+                cfg,
+                provenance(
+                    world_size=acc.num_processes,
+                    device_type=acc.device.type,
+                    mixed_precision=acc.mixed_precision,
+                    manifest=trainer.manifest,
+                ),
+            )
+            keep_records_until(run_dir / "metrics.jsonl", trainer.step)
+        claim.started()
+        acc.wait_for_everyone()
+        return _run(trainer, run_dir)
     finally:
         _end_training(acc)
+        claim.close()
+
+
+def _run(trainer: Trainer, run_dir: Path) -> dict[str, Any]:
+    cfg, acc = trainer.cfg, trainer.accelerator
+    run_log = RunLog(acc, run_dir, cfg.tracking, to_dict(cfg))
+    trainer.preemption.install()
+    results = trainer.fit(run_log)
+    if acc.is_main_process:
+        log.info("run finished: %s", run_dir)
+        if cfg.loader.skip_corrupt:
+            log.warning(
+                "corrupt samples skipped (loader.skip_corrupt): %d in training%s; the warnings above name them",
+                trainer.skipped_samples,
+                f", {results.get('skipped_samples', 0)} in the test split" if results else "",
+            )
+        if results:
+            log.info(
+                "test (%s): %s",
+                run_dir / "test" / "metrics.json",
+                " ".join(f"{k}={v:.4f}" for k, v in scalars(results).items() if isinstance(v, float)),
+            )
+    return results
+
+
+def _main_decides(acc, decide: Callable[[], Any]) -> Any:
+    """`decide()` on the main process only; every rank returns its result, or raises its error, so a
+    refusal on the main process stops every rank (none is left waiting in a collective)."""
+    from accelerate.utils import broadcast_object_list
+
+    box, error = [None, None], None
+    if acc.is_main_process:
+        try:
+            box[0] = decide()
+        except HistoDistError as e:
+            box[1], error = str(e), e
+    broadcast_object_list(box)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise HistoDistError(box[1])
+    return box[0]
+
+
+def new_run(checkpoint: Path) -> str:
+    """The command-line words of a new run that starts from `checkpoint`'s weights."""
+    return f"--run-dir NEW_DIR model.init_from={checkpoint}"
+
+
+def check_resumable(old: dict[str, Any], cfg: ExperimentConfig, source: str, way_forward: str) -> None:
+    """Refuse to continue a run whose config `old` differs from `cfg` in values its state was made with
+    (naming each); log the changes that apply on resume."""
+    allowed, refused = resume_changes(old, cfg)
+    if refused:
+        raise HistoDistError(
+            f"{source}: cannot resume with {'; '.join(refused)} (the run's state was made with the first value, "
+            f"and only {', '.join(p.rstrip('.') + ('.*' if p.endswith('.') else '') for p in RESUMABLE)} may "
+            f"change on resume). Resume with the run's values, or {way_forward}"
+        )
+    if allowed:
+        log.info("resuming with changed settings: %s", "; ".join(allowed))
+
+
+def choose_resume(run_dir: Path, cfg: ExperimentConfig, checkpointer: Checkpointer, fresh: bool) -> str | None:
+    """(main process) The checkpoint this start continues (`checkpoint.resume`), or None for a new run.
+    A start that would mix two runs in `run_dir` is refused."""
+    earlier, resume = earlier_run(run_dir), cfg.checkpoint.resume
+    held = f"{run_dir}: holds an earlier run ({', '.join(earlier)})"
+    if fresh:
+        if resume not in ("auto", "never"):
+            raise RunDirError(
+                f"--fresh starts a new run and checkpoint.resume={resume} continues one; to start a new run "
+                f"from that checkpoint's weights give model.init_from={resume}"
+            )
+        return None
+    if resume == "never":
+        if earlier:
+            raise RunDirError(
+                f"{held}, and checkpoint.resume=never starts a new one: give a new --run-dir, or add --fresh to "
+                f"move the earlier run aside to {run_dir}.old-<time>"
+            )
+        return None
+    if resume == "auto":
+        path = checkpointer.newest_valid()
+        if path is None and earlier:
+            _restart(run_dir, cfg, held)
+        return None if path is None else str(path)
+    path = check_input(resume, "checkpoint.resume", "file")
+    if earlier and path.resolve().parent != (run_dir / "checkpoints").resolve():
+        raise RunDirError(f"{held}; continuing {path} of another run here would mix the two: give a new --run-dir")
+    return str(path)
+
+
+def _restart(run_dir: Path, cfg: ExperimentConfig, held: str) -> None:
+    """resume=auto in a run directory without a valid checkpoint (killed before its first): the same
+    run starts again from step 0, if the config is the run's."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise RunDirError(
+            f"{held} but neither a valid checkpoint nor its config.yaml: give a new --run-dir, or add --fresh to "
+            f"move it aside to {run_dir}.old-<time>"
+        )
+    check_resumable(
+        to_dict(load_experiment(config)),
+        cfg,
+        f"{config}",
+        f"start a new run: a new --run-dir, or --fresh to move this one aside to {run_dir}.old-<time>",
+    )
+    log.warning("%s: no valid checkpoint to resume from; the run starts again from step 0", run_dir)
 
 
 def _end_training(acc) -> None:
@@ -798,6 +919,11 @@ def _end_training(acc) -> None:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML experiment config (see configs/); defaults are used for what it omits")
     parser.add_argument("--run-dir", help="run directory (default: runs/<config name>-<time>); reuse it to resume")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run in --run-dir even if it holds one: the earlier run is moved aside to RUN.old-<time>",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
         "--help-config",
@@ -830,7 +956,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     Manifest.load(cfg.data.shards)  # a missing dataset is named before processes spin up
     try:
-        train(cfg, Path(args.run_dir) if args.run_dir else None, args.config)
+        train(cfg, Path(args.run_dir) if args.run_dir else None, args.config, fresh=args.fresh)
     except Preempted:
         return EXIT_PREEMPTED
     return 0

@@ -465,7 +465,7 @@ def test_cli_prints_the_error_and_exits_2(run, tmp_path, capsys):
         ["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(shards), "--output", str(tmp_path)]
     )
     assert code == 2
-    assert "nope.pt: no such checkpoint" in capsys.readouterr().err
+    assert f"--checkpoint {tmp_path / 'nope.pt'}: no such file" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

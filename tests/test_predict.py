@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from histo_dist.evaluate import EvalConfig, evaluate
+from histo_dist.files import PathError
 from histo_dist.inference import DataMismatchError
 from histo_dist.predict import InputError, PredictConfig, predict
 from tests.eval_data import SHAPE, make_checkpoint, noisy_label, read_csv, trained_run
@@ -163,7 +164,7 @@ def test_empty_folder_and_unknown_input_are_named(run, tmp_path):
     (tmp_path / "empty/notes.txt").write_text("no images here")
     with pytest.raises(InputError, match=r"empty: no image files .*\(1 other file\(s\)\)"):
         run_predict(best, tmp_path / "empty", tmp_path / "out.csv")
-    with pytest.raises(InputError, match=r"missing: no such file or folder"):
+    with pytest.raises(PathError, match=r"--input .*missing: no such file or folder"):
         run_predict(best, tmp_path / "missing", tmp_path / "out.csv")
 
 

@@ -249,7 +249,7 @@ def test_refuses_when_any_single_file_exists(tmp_path):
 
 def test_output_must_be_a_folder(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(HistoDistError, match="not a folder"):
+    with pytest.raises(HistoDistError, match="a file, expected a folder"):
         write(tmp_path / "file")
 
 

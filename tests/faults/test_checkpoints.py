@@ -95,10 +95,12 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(s
     run_dir = tmp_path / "run"
     shutil.copytree(reference_one, run_dir)
     folder = run_dir / "checkpoints"
+    for name in ("step-00000024.pt", "step-00000024.pt.sha256"):  # as if killed before the run's end
+        (folder / name).unlink()
     before = {p.name: sha256_file(p) for p in folder.iterdir()}
-    # The finished run, continued for a third epoch: its checkpoint (17 MB) does not fit under 1 MB.
+    # The run resumes from step 12; its checkpoint of step 24 (17 MB) does not fit under 1 MB.
     out = subprocess.run(
-        train_cmd(shards, run_dir, *ONE_RANK, "train.epochs=3"),
+        train_cmd(shards, run_dir, *ONE_RANK),
         capture_output=True,
         text=True,
         env=ENV,
@@ -108,14 +110,13 @@ def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous(s
     assert out.returncode == 2, out.stderr[-3000:]
     assert "resumed from" in out.stderr
     assert (
-        f"error: {folder / 'step-00000036.pt'}: cannot write checkpoint (File too large); "
+        f"error: {folder / 'step-00000024.pt'}: cannot write checkpoint (File too large); "
         "the previous checkpoints are untouched" in out.stderr
     )
     no_traceback(out.stderr)
     assert {p.name: sha256_file(p) for p in folder.iterdir()} == before  # no partial or temp file either
-    for step in (12, 24):
-        assert checkpointer(run_dir).is_valid(folder / f"step-{step:08d}.pt") == (True, "")
-    assert load_checkpoint(checkpointer(run_dir).newest_valid())["step"] == 24
+    assert checkpointer(run_dir).is_valid(folder / "step-00000012.pt") == (True, "")
+    assert load_checkpoint(checkpointer(run_dir).newest_valid())["step"] == 12
 
 
 def test_disk_full_on_the_checksum_or_best_copy_never_leaves_a_valid_looking_partial(tmp_path, monkeypatch):
