@@ -281,7 +281,8 @@ class Trainer:
             hint = f"on {ranks} rank(s) that is {per_rank} per rank: e.g. {'; '.join(reversed(pairs))}"
         raise HistoDistError(
             f"cannot resume {path} exactly: its global batch is {global_batch} (batch_size x grad_accum_steps x "
-            f"ranks), and loader.batch_size={micro} on {ranks} rank(s) cannot make it: {hint}"
+            f"ranks), and loader.batch_size={micro} on {ranks} rank(s) cannot make it: {hint}; or start a new run "
+            f"from its weights: {new_run(path)}"
         )
 
     # -- one micro-batch ---------------------------------------------------------------------------

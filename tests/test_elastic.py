@@ -103,6 +103,6 @@ def test_a_global_batch_the_new_layout_cannot_make_is_refused_with_settings_that
     run_dir = tmp_path / "run"
     out = run(command(shards, run_dir, 2, 1, 1) + ["train.max_steps=4"], timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
-    out = run(train_cmd(shards, run_dir, *BASE, "loader.batch_size=5", ranks=1), timeout=400)
+    out = run(train_cmd(shards, run_dir, *BASE, "loader.batch_size=5", "train.max_steps=4", ranks=1), timeout=400)
     assert out.returncode == 2
     assert "its global batch is 16" in out.stderr and "loader.batch_size=8 train.grad_accum_steps=2" in out.stderr

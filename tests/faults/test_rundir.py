@@ -210,16 +210,16 @@ def test_a_second_run_on_a_live_run_directory_fails_at_once_and_a_killed_runs_lo
 @pytest.mark.slow
 def test_a_resume_with_changed_values_is_refused_naming_them_and_writes_nothing(shards, reference_one, tmp_path):
     """optim.lr was ignored (the restored schedule went on) while config.yaml said the new value;
-    loader.num_workers was refused by the loader after config.yaml and provenance.json had been
+    loader.shuffle_buffer was refused by the loader after config.yaml and provenance.json had been
     overwritten. Now both are named, with the way forward, before anything is written."""
     run_dir = interrupted_copy(reference_one, tmp_path)
     before = snapshot(run_dir)
-    out = run(train_cmd(shards, run_dir, *ONE_RANK, "optim.lr=0.0001", "loader.num_workers=0"))
+    out = run(train_cmd(shards, run_dir, *ONE_RANK, "optim.lr=0.0001", "loader.shuffle_buffer=32"))
     assert out.returncode == 2
     line = error_line(out.stderr)
     checkpoint = run_dir / "checkpoints/step-00000012.pt"
     assert f"error: {checkpoint}: cannot resume with " in line
-    assert "loader.num_workers: 1 -> 0" in line and "optim.lr: 0.002 -> 0.0001" in line
+    assert "loader.shuffle_buffer: 64 -> 32" in line and "optim.lr: 0.002 -> 0.0001" in line
     assert f"--run-dir NEW_DIR model.init_from={checkpoint}" in line
     no_traceback(out.stderr)
     assert snapshot(run_dir) == before
@@ -230,14 +230,16 @@ def test_a_resume_with_changed_values_is_refused_naming_them_and_writes_nothing(
 
 
 @pytest.mark.slow
-def test_a_resume_on_another_number_of_ranks_is_refused_on_every_rank_and_writes_nothing(
+def test_a_resume_on_ranks_that_cannot_keep_the_global_batch_is_refused_on_every_rank_and_writes_nothing(
     shards, reference_one, tmp_path
 ):
     run_dir = interrupted_copy(reference_one, tmp_path)
     before = snapshot(run_dir)
     out = run(train_cmd(shards, run_dir, *ONE_RANK, ranks=2), timeout=300)
     assert out.returncode != 0
-    assert "world_size: saved 1, now 2" in out.stderr and "model.init_from=" in out.stderr, out.stderr[-3000:]
+    # 16 per step on one rank; two ranks of loader.batch_size=16 cannot make 16 (elastic resume needs 8 x 1).
+    assert "its global batch is 16" in out.stderr and "loader.batch_size=8 train.grad_accum_steps=1" in out.stderr
+    assert "model.init_from=" in out.stderr, out.stderr[-3000:]
     assert snapshot(run_dir) == before
 
 
