@@ -29,7 +29,7 @@ import numpy as np
 from histo_dist import __version__
 from histo_dist.config import add_dataclass_arguments, from_namespace
 from histo_dist.errors import HistoDistError
-from histo_dist.files import sha256_file, write_atomic
+from histo_dist.files import write_atomic
 from histo_dist.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -180,18 +180,6 @@ def _write_job(job: ShardJob, output: str, codec: str, num_classes: int, jpeg_qu
     return write_shard(Path(output) / job.shard, keys, images, labels, metas, codec, num_classes, jpeg_quality)
 
 
-def _existing_shard_info(path: Path, num_classes: int) -> ShardInfo:
-    """Info of a complete shard left by an interrupted run (hash and label counts re-read)."""
-    from histo_dist.shards import iter_raw_samples
-
-    counts = np.zeros(num_classes, dtype=np.int64)
-    n = 0
-    for sample in iter_raw_samples(path):
-        counts[int(sample.members["cls"])] += 1
-        n += 1
-    return ShardInfo(path.name, n, tuple(int(c) for c in counts), sha256_file(path), path.stat().st_size)
-
-
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -313,10 +301,12 @@ def _convert_source(
     else:  # only this part's: other parts may be writing theirs right now
         remove_files([p for job in mine for p in out.glob(f".{job.shard}.*.partial")])
 
+    from histo_dist.shards import read_shard_info
+
     infos: dict[str, ShardInfo] = {}
     for job in mine:
         if job.shard in done:
-            infos[job.shard] = _existing_shard_info(out / job.shard, num_classes)
+            infos[job.shard] = read_shard_info(out / job.shard, num_classes)
     todo = [job for job in mine if job.shard not in done]
     total = sum(len(job.indices) for job in mine)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
