@@ -10,10 +10,10 @@ One path, three users:
   the same checkpoint and options;
 - `histo-dist predict`: `predict_batches` and `write_predictions` on images from anywhere.
 
-Every rank reads its own contiguous part of the split (`loader.ShardLoader`, no padding
-duplicates); the predictions of all ranks are gathered onto every rank, sorted by key, and checked
-against the manifest's sample count. Functions that gather are collectives: every rank calls them
-with the same arguments. Only the main process writes.
+Every rank reads its own contiguous part of the split (`loader.split_loader`: streamed images or
+embeddings held in memory, no padding duplicates); the predictions of all ranks are gathered onto
+every rank, sorted by key, and checked against the manifest's sample count. Functions that gather
+are collectives: every rank calls them with the same arguments. Only the main process writes.
 
 Outputs are written atomically, and a folder holds one evaluation: the previous `metrics.json` is
 removed first and the new one written last, so a `metrics.json` always describes the files beside it.
@@ -246,9 +246,9 @@ def predict_split(
     every rank calls it. Each rank reads its own part; the total is checked against the manifest."""
     from tqdm import tqdm
 
-    from histo_dist.loader import ShardLoader
+    from histo_dist.loader import split_loader
 
-    loader = ShardLoader(
+    loader = split_loader(
         manifest,
         split,
         loader_cfg,
@@ -283,7 +283,7 @@ def predict_split(
             tta=tta,
             resize=resize,
             where=where,
-            error_examples=error_examples,
+            error_examples=0 if manifest.embeddings else error_examples,  # the grid of errors shows images
             error_threshold=error_threshold,
             progress=lambda n: bar.update(n * world_size),
         )

@@ -617,7 +617,8 @@ class MemoryLoader:
     cut into batches: every rank takes the same number of steps. Evaluation: each rank reads and holds only
     its own contiguous part (ShardLoader's), so every sample is read once across ranks. Reading goes through
     ShardLoader (in this process), with its checks against the manifest. The state is (epoch, batch), as
-    for ShardLoader. Embeddings are not augmented: no transform, no workers.
+    for ShardLoader. Embeddings are not augmented: no transform, no workers, and batches carry no
+    augmentation `seed`.
     """
 
     def __init__(
@@ -650,7 +651,7 @@ class MemoryLoader:
         self.skipped = sum(b["skipped"] for b in parts)  # corrupt samples left out (loader.skip_corrupt)
         self.data = torch.cat([b["image"] for b in parts]) if parts else torch.empty((0, *manifest.image_shape))
         self.labels = torch.cat([b["label"] for b in parts]) if parts else torch.empty(0, dtype=torch.long)
-        self.keys = [k for b in parts for k in b["key"]]
+        self.keys = np.array([k for b in parts for k in b["key"]])  # gathered per batch in one call
         self.num_samples = len(self.keys)
         if training:
             self.steps = steps_per_epoch(self.num_samples, world_size, self.batch_size)
@@ -712,13 +713,11 @@ class MemoryLoader:
         while self.batch < len(self):
             b, size = self.batch, self.batch_size
             rows = order[b * size : (b + 1) * size]
-            positions = np.arange(start + b * size, start + b * size + len(rows))
             self.batch += 1
             yield {
-                "image": self.data[rows],
-                "label": self.labels[rows],
-                "key": [self.keys[i] for i in rows.tolist()],
-                "seed": torch.from_numpy(augmentation_seeds(self.seed, self.epoch, positions)),
+                "image": self.data.index_select(0, rows),  # (a tenth of the time of data[rows])
+                "label": self.labels.index_select(0, rows),
+                "key": self.keys[rows.numpy()].tolist(),
                 "skipped": self.skipped if b == 0 and not self.training else 0,  # counted once per evaluation
             }
 
