@@ -51,7 +51,9 @@ from histo_dist.sources import (
 
 PLAN_NAME = ".convert-plan.json"
 WORK_DIR = ".work"
-OUR_FILES = re.compile(r"^(?:(?:train|valid|test)-\d{6}\.tar|manifest\.json|\.convert-plan\.json|\..*\.partial)$")
+OUR_FILES = re.compile(
+    r"^(?:(?:train|valid|test)-\d{6}\.tar|manifest\.json|\.(?:convert|embed)-plan\.json|\..*\.partial)$"
+)
 
 
 @dataclass
@@ -208,15 +210,18 @@ def remove_previous(out: Path, keep: Path) -> None:
     remove_files(ours + stale_work)
 
 
-def resumable_shards(out: Path, fingerprint: dict, overwrite: bool) -> set[str]:
-    """Names of complete shards a previous run of this same plan left; error for foreign shards."""
-    plan_path = out / PLAN_NAME
+def resumable_shards(
+    out: Path, fingerprint: dict, overwrite: bool, plan_name: str = PLAN_NAME, what: str = "conversion"
+) -> set[str]:
+    """Names of complete shards a previous run of this same plan (saved in `plan_name`) left; error for foreign
+    shards (`what` names the kind of run in it)."""
+    plan_path = out / plan_name
     tars = {p.name for p in out.glob("*.tar")}
     if not tars:
         return set()
     old = json.loads(plan_path.read_text()) if plan_path.exists() else None
     if old != fingerprint:
-        what = "a different conversion (other source or options)" if old else "shards of unknown origin"
+        what = f"a different {what} (other source or options)" if old else "shards of unknown origin"
         fix = (
             "remove them (--overwrite only removes files named like this tool's)"
             if overwrite
