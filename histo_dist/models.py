@@ -303,9 +303,12 @@ _CLASS_PATH = re.compile(r"^(?:timm|torch)(?:\.\w+)+$")
 
 def resolve_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """model.kwargs for timm.create_model: strings that name a class or function of timm or torch
-    ('timm.layers.SwiGLUPacked', 'torch.nn.SiLU') become it; ModelError names a key that names nothing."""
+    ('timm.layers.SwiGLUPacked', 'torch.nn.SiLU') become it; ModelError names a key that names nothing.
+    num_classes (model cards give 0) is left out: the backbone is always built without classifier."""
     out = {}
     for key, value in kwargs.items():
+        if key == "num_classes":
+            continue
         if isinstance(value, str) and _CLASS_PATH.match(value):
             module, _, attr = value.rpartition(".")
             try:
@@ -556,7 +559,7 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """timm models: keyword arguments of timm.create_model, e.g. {init_values: 1.0e-5, mlp_layer:
     timm.layers.SwiGLUPacked, act_layer: torch.nn.SiLU, img_size: 96}; strings naming a class of timm or torch are
-    resolved to it."""
+    resolved to it; num_classes is ignored (the backbone is built without classifier, then gets the new head)."""
     dropout: float = 0.0
     """Dropout right before the new classification layer (on top of any the architecture has)."""
     width: int = 32

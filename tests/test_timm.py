@@ -124,7 +124,12 @@ def test_kwargs_naming_classes_are_resolved_and_reach_timm():
 
     cfg = ModelConfig(
         name="timm/test_vit",
-        kwargs={"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "init_values": 1e-5},
+        kwargs={
+            "mlp_layer": "timm.layers.SwiGLUPacked",
+            "act_layer": "torch.nn.SiLU",
+            "init_values": 1e-5,
+            "num_classes": 0,  # as model cards give it: ignored, the new head is ours
+        },
     )
     model = build_model(cfg, 2)
     block = model.net.blocks[0]
