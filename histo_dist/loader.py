@@ -474,8 +474,9 @@ class ShardLoader:
     """The batches of one rank for one split, epoch after epoch, resumable at any step.
 
     Iterating yields dicts with `image` (uint8, N x 3 x H x W, channels_last memory; or the
-    transform's output), `label` (int64), `key` (sample keys), `seed` (per-sample augmentation
-    seeds) and `skipped` (corrupt samples left out of the batch: always 0 unless `cfg.skip_corrupt`).
+    transform's output; float16 N x D for embeddings), `label` (int64), `key` (sample keys), `seed`
+    (per-sample augmentation seeds) and `skipped` (corrupt samples left out of the batch: always 0
+    unless `cfg.skip_corrupt`).
     `transform(images, seeds)`, when given, runs in the loader workers. `device_type` is the device
     the batches go to (pinned memory only for "cuda").
     """
