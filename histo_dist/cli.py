@@ -20,6 +20,7 @@ COMMANDS = {
     "synth": ("histo_dist.synth", "write a synthetic PCam-format dataset (the embedded default, no download)"),
     "convert": ("histo_dist.convert", "convert PCam HDF5 / ImageFolder / Kaggle data into WebDataset shards"),
     "verify": ("histo_dist.verify", "check shards against their manifest: sizes, sha256, counts, decoding"),
+    "embed": ("histo_dist.embed", "embeddings of image shards from a backbone (timm or a checkpoint), as shards"),
     "train": ("histo_dist.train", "train a classifier on shards (one process, or under `accelerate launch`)"),
     "evaluate": ("histo_dist.evaluate", "evaluate a checkpoint on a split: metrics.json, predictions.csv, plots"),
     "predict": ("histo_dist.predict", "run a checkpoint on new patches (image folder, PCam h5, shards) into a CSV"),

@@ -323,13 +323,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of `cls`, updated by the YAML file at `path`, updated by dotted overrides."""
+def read_config_data(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str | None]:
+    """The plain data of the YAML file at `path` updated by dotted overrides (what the user gave), and its source."""
     data = read_yaml(path) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides))
     source = str(path) if path is not None else None
     if overrides:
         source = f"{source or 'defaults'} + overrides {' '.join(overrides)}"
+    return data, source
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of `cls`, updated by the YAML file at `path`, updated by dotted overrides."""
+    data, source = read_config_data(path, overrides)
     return from_dict(cls, data, source)
 
 

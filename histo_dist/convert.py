@@ -29,7 +29,7 @@ import numpy as np
 from histo_dist import __version__
 from histo_dist.config import add_dataclass_arguments, from_namespace
 from histo_dist.errors import HistoDistError
-from histo_dist.files import check_input, check_output, sha256_file, write_atomic
+from histo_dist.files import check_input, check_output, write_atomic
 from histo_dist.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -51,7 +51,9 @@ from histo_dist.sources import (
 
 PLAN_NAME = ".convert-plan.json"
 WORK_DIR = ".work"
-OUR_FILES = re.compile(r"^(?:(?:train|valid|test)-\d{6}\.tar|manifest\.json|\.convert-plan\.json|\..*\.partial)$")
+OUR_FILES = re.compile(
+    r"^(?:(?:train|valid|test)-\d{6}\.tar|manifest\.json|\.(?:convert|embed)-plan\.json|\..*\.partial)$"
+)
 
 
 @dataclass
@@ -180,18 +182,6 @@ def _write_job(job: ShardJob, output: str, codec: str, num_classes: int, jpeg_qu
     return write_shard(Path(output) / job.shard, keys, images, labels, metas, codec, num_classes, jpeg_quality)
 
 
-def _existing_shard_info(path: Path, num_classes: int) -> ShardInfo:
-    """Info of a complete shard left by an interrupted run (hash and label counts re-read)."""
-    from histo_dist.shards import iter_raw_samples
-
-    counts = np.zeros(num_classes, dtype=np.int64)
-    n = 0
-    for sample in iter_raw_samples(path):
-        counts[int(sample.members["cls"])] += 1
-        n += 1
-    return ShardInfo(path.name, n, tuple(int(c) for c in counts), sha256_file(path), path.stat().st_size)
-
-
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -220,15 +210,18 @@ def remove_previous(out: Path, keep: Path) -> None:
     remove_files(ours + stale_work)
 
 
-def resumable_shards(out: Path, fingerprint: dict, overwrite: bool) -> set[str]:
-    """Names of complete shards a previous run of this same plan left; error for foreign shards."""
-    plan_path = out / PLAN_NAME
+def resumable_shards(
+    out: Path, fingerprint: dict, overwrite: bool, plan_name: str = PLAN_NAME, what: str = "conversion"
+) -> set[str]:
+    """Names of complete shards a previous run of this same plan (saved in `plan_name`) left; error for foreign
+    shards (`what` names the kind of run in it)."""
+    plan_path = out / plan_name
     tars = {p.name for p in out.glob("*.tar")}
     if not tars:
         return set()
     old = json.loads(plan_path.read_text()) if plan_path.exists() else None
     if old != fingerprint:
-        what = "a different conversion (other source or options)" if old else "shards of unknown origin"
+        what = f"a different {what} (other source or options)" if old else "shards of unknown origin"
         fix = (
             "remove them (--overwrite only removes files named like this tool's)"
             if overwrite
@@ -314,10 +307,12 @@ def _convert_source(
     else:  # only this part's: other parts may be writing theirs right now
         remove_files([p for job in mine for p in out.glob(f".{job.shard}.*.partial")])
 
+    from histo_dist.shards import read_shard_info
+
     infos: dict[str, ShardInfo] = {}
     for job in mine:
         if job.shard in done:
-            infos[job.shard] = _existing_shard_info(out / job.shard, num_classes)
+            infos[job.shard] = read_shard_info(out / job.shard, num_classes)
     todo = [job for job in mine if job.shard not in done]
     total = sum(len(job.indices) for job in mine)
     workers = cfg.workers or min(8, os.cpu_count() or 1)

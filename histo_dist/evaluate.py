@@ -35,7 +35,7 @@ import torch
 
 from histo_dist.evaluation import EvalOptions, evaluate_split, scalars, write_evaluation
 from histo_dist.files import check_input, check_output
-from histo_dist.inference import InferenceOptions, check_classes, check_size, load_inference_model
+from histo_dist.inference import InferenceOptions, check_classes, check_data, load_inference_model
 from histo_dist.metrics import EvaluationError, parse_threshold
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ def evaluate(cfg: EvalConfig, accelerator=None) -> dict[str, Any]:
     manifest.split(cfg.split)  # names the split and the available ones
     where = str(manifest.root / "manifest.json")
     check_classes(model, manifest.num_classes, manifest.label_names, where)
-    check_size(model, manifest.image_shape[0], manifest.image_shape[1], where, cfg.resize)
+    check_data(model, manifest.image_shape, where, cfg.resize)
+    if cfg.tta and manifest.embeddings:
+        raise EvaluationError(f"{where}: --tta averages over the symmetries of images; this dataset holds embeddings")
     if not model.binary and spec != 0.5:
         raise EvaluationError(
             f"--threshold {cfg.threshold}: thresholds apply to binary tasks; this {model.num_classes}-class "

@@ -10,10 +10,10 @@ One path, three users:
   the same checkpoint and options;
 - `histo-dist predict`: `predict_batches` and `write_predictions` on images from anywhere.
 
-Every rank reads its own contiguous part of the split (`loader.ShardLoader`, no padding
-duplicates); the predictions of all ranks are gathered onto every rank, sorted by key, and checked
-against the manifest's sample count. Functions that gather are collectives: every rank calls them
-with the same arguments. Only the main process writes.
+Every rank reads its own contiguous part of the split (`loader.split_loader`: streamed images or
+embeddings held in memory, no padding duplicates); the predictions of all ranks are gathered onto
+every rank, sorted by key, and checked against the manifest's sample count. Functions that gather
+are collectives: every rank calls them with the same arguments. Only the main process writes.
 
 A folder holds one evaluation, replaced as one set: the new files are written whole (atomically)
 into a hidden staging folder beside the old ones, then moved into place, the old set's `metrics.json`
@@ -253,9 +253,9 @@ def predict_split(
     every rank calls it. Each rank reads its own part; the total is checked against the manifest."""
     from tqdm import tqdm
 
-    from histo_dist.loader import ShardLoader
+    from histo_dist.loader import split_loader
 
-    loader = ShardLoader(
+    loader = split_loader(
         manifest,
         split,
         loader_cfg,
@@ -290,7 +290,7 @@ def predict_split(
             tta=tta,
             resize=resize,
             where=where,
-            error_examples=error_examples,
+            error_examples=0 if manifest.embeddings else error_examples,  # the grid of errors shows images
             error_threshold=error_threshold,
             progress=lambda n: bar.update(n * world_size),
         )

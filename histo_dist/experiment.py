@@ -13,11 +13,17 @@
     tracking  TrackingConfig    metrics.jsonl, W&B, progress bar      (tracking.py)
 
 `histo-dist train --help-config [SECTION]` prints every field with its type, default and doc.
+
+A timm model says what input it takes (`models.input_defaults`): its side and normalisation become
+augment.resize, mean and std, and augmentation moves to the device (augment.where), wherever the
+config gives no value of its own (`with_model_input`); the resolved values are what the run records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +31,11 @@ from typing import Any, Literal
 from histo_dist.augment import AugmentConfig
 from histo_dist.budget import MIN_CALIBRATION_STEPS, BudgetError, parse_duration
 from histo_dist.checkpoint import CheckpointConfig
-from histo_dist.config import load_config, to_dict
+from histo_dist.config import from_dict, read_config_data, to_dict
 from histo_dist.evaluation import EvalOptions
 from histo_dist.loader import LoaderConfig
 from histo_dist.metrics import METRIC_NAMES
-from histo_dist.models import ModelConfig
+from histo_dist.models import ModelConfig, input_defaults
 from histo_dist.optim import OptimConfig, ScheduleConfig
 from histo_dist.tracking import TrackingConfig
 
@@ -89,6 +95,9 @@ class TrainConfig:
     checkpointed as the model; 0 is off."""
     seed: int = 0
     """Seed of data order, augmentation and initialisation."""
+    seeds: tuple[int, ...] = ()
+    """Train once per seed (each as train.seed, in RUN/seed-<seed>/) and report the mean and spread of the test
+    metrics over them in RUN/seeds.json, as eva does (5 runs); empty: one run with train.seed."""
     deterministic: bool = False
     """Use deterministic algorithms only (bitwise-reproducible on CPU; slower on GPUs, where adaptive pooling is
     replaced by an equal deterministic form and CUBLAS_WORKSPACE_CONFIG is set)."""
@@ -100,6 +109,10 @@ class TrainConfig:
     plots) before the run fails with an error instead of hanging."""
     cpu: bool = False
     """Run on the CPU even when GPUs are present (test mode). Without GPUs the CPU is used anyway."""
+    cpu_threads: int = 0
+    """Threads of torch's CPU operations in each training process (0: torch's default, one per core). Heads on
+    embeddings train fastest with 1: their steps are too small to share out, and threads waiting on each other
+    cost more than they save (20x more on a busy 2-core machine, docs/benchmarks.md)."""
     eval_every_steps: int = 0
     """Validate every N optimizer steps (0: at the end of every epoch)."""
     best_metric: str = "auroc"
@@ -115,13 +128,15 @@ class TrainConfig:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.dist_timeout_s < 1:
             problems.append(f"dist_timeout_s: must be >= 1, got {self.dist_timeout_s}")
-        for name in ("max_steps", "eval_every_steps", "early_stopping_patience"):
+        for name in ("max_steps", "eval_every_steps", "early_stopping_patience", "cpu_threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.clip_grad_norm < math.inf:
             problems.append(f"clip_grad_norm: must be >= 0 and finite, got {self.clip_grad_norm}")
         if not 0 <= self.seed < 2**63:  # numpy seed sequences and the loader's uint64 arithmetic need it
             problems.append(f"seed: must be in [0, 2**63), got {self.seed}")
+        if not all(0 <= s < 2**63 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"seeds: distinct seeds in [0, 2**63), got {list(self.seeds)}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         if self.best_metric not in METRIC_NAMES:
@@ -173,9 +188,24 @@ class ExperimentConfig:
         return problems
 
 
+def with_model_input(augment: AugmentConfig, model: ModelConfig, given: Mapping[str, Any] | None) -> AugmentConfig:
+    """`augment` with what the model says about its input (a timm model: side and normalisation of its pretrained
+    config, and augmentation on the device, where the upscaled float batch is made) for every value not `given`."""
+    defaults = input_defaults(model)
+    if defaults:
+        # 96 -> 224 px is 5.4x the pixels, as float32: made by loader workers, that is 22x the bytes of the patch
+        # crossing to the training process; made on the device, only the uint8 patch crosses.
+        defaults["where"] = "device"
+    return dataclasses.replace(augment, **{k: v for k, v in defaults.items() if k not in (given or {})})
+
+
 def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Defaults, updated by the YAML file at `path`, updated by dotted `key=value` overrides."""
-    return load_config(ExperimentConfig, path, overrides)
+    """Defaults, updated by the YAML file at `path`, updated by dotted `key=value` overrides; a timm model's input
+    values where the augment section gives none (`with_model_input`)."""
+    data, source = read_config_data(path, overrides)
+    cfg = from_dict(ExperimentConfig, data, source)
+    cfg.augment = with_model_input(cfg.augment, cfg.model, data.get("augment"))
+    return cfg
 
 
 RESUMABLE = (

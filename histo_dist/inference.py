@@ -11,7 +11,8 @@ gives the same probability whichever command and input format it came through.
   validated and picked the best checkpoint by), else the raw ones.
 - `inputs(images)` turns a uint8 (N, 3, H, W) batch into the normalised float input. Images of
   another size than the model was trained on are an error unless `resize` is asked for (bilinear,
-  antialiased, rounded back to uint8): never silent.
+  antialiased, rounded back to uint8): never silent. A probe's input is a batch of embeddings
+  (N, D), taken as float32.
 - `probabilities(x, tta=True)` also averages the probabilities (not the logits) over the 8
   symmetries of the square (`augment.dihedral_views`).
 
@@ -87,8 +88,8 @@ class InferenceModel:
     """The classifier, in eval mode for inference."""
     num_classes: int
     label_names: tuple[str, ...]
-    image_shape: tuple[int, int, int]
-    """(H, W, C) of the patches the model was trained on."""
+    image_shape: tuple[int, ...]
+    """(H, W, C) of the patches the model was trained on; (D,) for a probe trained on embeddings."""
     augment: AugmentConfig
     """The run's augmentation section: its normalisation is applied to every input."""
     channels_last: bool
@@ -110,7 +111,10 @@ class InferenceModel:
         return self
 
     def inputs(self, images: torch.Tensor, resize: bool = False, where: str = "input") -> torch.Tensor:
-        """uint8 (N, 3, H, W) on any device -> the normalised float32 batch the model takes."""
+        """uint8 (N, 3, H, W) on any device -> the normalised float32 batch the model takes; embeddings (N, D) ->
+        float32."""
+        if images.dim() == 2:
+            return images.float()
         check_size(self, images.shape[-2], images.shape[-1], where, resize)
         images = resize_uint8(images, tuple(self.image_shape[:2]))
         x = eval_transform(images.contiguous(), self.augment)
@@ -123,7 +127,9 @@ class InferenceModel:
         Binary: (N,) probabilities of class 1; multi-class: (N, K). TTA averages probabilities,
         view by view in a fixed order (the result does not depend on the batch composition)."""
         self.model.eval()
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if tta and x.dim() != 4:
+            raise DataMismatchError("TTA averages over the symmetries of images; these inputs are embeddings")
+        fmt = torch.channels_last if self.channels_last and x.dim() == 4 else torch.contiguous_format
         plain, total = None, None
         for view in dihedral_views(x) if tta else [x]:
             probs = logits_to_probs(self.model(view.contiguous(memory_format=fmt)), self.num_classes)
@@ -160,10 +166,13 @@ def load_inference_model(path: str | Path, weights: Literal["auto", "model", "em
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config is not readable by this version: {e}") from None
     num_classes = int(state["num_classes"])
+    image_shape = tuple(int(v) for v in state.get("image_shape") or (96, 96, 3))
     weight_state, weights = model_weights(state, weights, path)
     # The architecture alone: the checkpoint holds every weight, so the pretrained file (which may
     # not exist on this machine) is not needed.
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None, init_from=None, freeze="none"), num_classes)
+    model = build_model(
+        dataclasses.replace(cfg.model, pretrained=None, init_from=None, freeze="none"), num_classes, image_shape
+    )
     mismatch = describe_mismatch(model.state_dict(), weight_state)
     if mismatch:
         raise CheckpointError(
@@ -179,7 +188,7 @@ def load_inference_model(path: str | Path, weights: Literal["auto", "model", "em
         model=model,
         num_classes=num_classes,
         label_names=tuple(state.get("label_names") or (str(i) for i in range(num_classes))),
-        image_shape=tuple(int(v) for v in state.get("image_shape") or (96, 96, 3)),
+        image_shape=image_shape,
         augment=cfg.augment,
         channels_last=cfg.train.channels_last,
         model_name=cfg.model.name,
@@ -203,6 +212,29 @@ def check_classes(model: InferenceModel, num_classes: int, label_names: Sequence
             ", ".join(model.label_names),
             ", ".join(label_names),
         )
+
+
+def check_data(model: InferenceModel, shape: Sequence[int], where: str, resize: bool) -> None:
+    """Refuse data of another kind (images, embeddings) or size than the model was trained on (images of another
+    size pass with `resize`)."""
+    trained = model.path.name if model.path else "the model"
+    if len(shape) == 1 and len(model.image_shape) != 1:
+        raise DataMismatchError(
+            f"{where}: holds embeddings, and {trained} ({model.model_name}) takes images: give it the image shards, "
+            "or give these embeddings to a probe trained on them (linear_probe, mlp_probe)"
+        )
+    if len(shape) != 1 and len(model.image_shape) == 1:
+        raise DataMismatchError(
+            f"{where}: holds images, and {trained} ({model.model_name}) is a head on embeddings: give it embeddings "
+            "of these images (`histo-dist embed` with the backbone it was trained on)"
+        )
+    if len(shape) == 1 and tuple(shape) != tuple(model.image_shape):
+        raise DataMismatchError(
+            f"{where}: embeddings of {shape[0]} values, and {trained} was trained on embeddings of "
+            f"{model.image_shape[0]}: embed with the backbone the probe was trained on"
+        )
+    if len(shape) == 3:
+        check_size(model, shape[0], shape[1], where, resize)
 
 
 def check_size(model: InferenceModel, height: int, width: int, where: str, resize: bool) -> None:

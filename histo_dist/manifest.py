@@ -11,6 +11,11 @@ Shard layout (format version 1), one tar per `{split}-{index:06d}.tar`, written 
     {key}.json  metadata: {"split", "index" (position in the source split), "source", ...}
     {key}.npy | {key}.png | {key}.jpg   the uint8 HxWx3 image in the manifest's codec
 with `key = f"{split}_{index:09d}"`, members of one sample adjacent, in sorted extension order.
+
+Embeddings (`embed.py`) follow the same contract with `"dtype": "float16"` and `image_shape` [D]: each
+sample's `.npy` is a float16 vector of D values, next to its `.cls` (no `.json`), under the key of
+the image it was computed from; the shard `{split}-{index:06d}.tar` holds the embeddings of the
+image shard of that name. Manifests without `dtype` hold uint8 images.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "valid", "test")
 CODEC_EXTENSIONS = {"npy": "npy", "png": "png", "jpeg": "jpg"}
+DTYPES = ("uint8", "float16")
+"""What a sample's array holds: uint8 (H, W, 3) images, or float16 (D,) embedding vectors (npy codec only)."""
 
 
 class ManifestError(HistoDistError, ValueError):
@@ -63,7 +70,7 @@ class SplitInfo:
 @dataclass(frozen=True)
 class Manifest:
     codec: str
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
     label_names: tuple[str, ...]
     splits: dict[str, SplitInfo]
     source: dict[str, Any]
@@ -73,11 +80,18 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     root: Path = field(default=Path("."), compare=False)
     """Folder the manifest was read from; shard names are relative to it (not stored in the file)."""
+    dtype: str = "uint8"
+    """uint8: images of `image_shape` (H, W, 3); float16: embedding vectors of `image_shape` (D,)."""
 
     # -- derived -------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def embeddings(self) -> bool:
+        """Samples are embedding vectors (float16, shape (D,)), not images."""
+        return self.dtype != "uint8"
 
     @property
     def extension(self) -> str:
@@ -108,6 +122,7 @@ class Manifest:
             "format_version": self.format_version,
             "created_by": self.created_by,
             "codec": self.codec,
+            **({"dtype": self.dtype} if self.dtype != "uint8" else {}),  # image manifests stay as they were
             "image_shape": list(self.image_shape),
             "label_names": list(self.label_names),
             "samples_per_shard": self.samples_per_shard,
@@ -166,6 +181,15 @@ class Manifest:
             )
         if data["codec"] not in CODEC_EXTENSIONS:
             raise ValueError(f"codec {data['codec']!r} is not one of {', '.join(CODEC_EXTENSIONS)}")
+        dtype, shape = data.get("dtype", "uint8"), tuple(int(d) for d in data["image_shape"])
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if dtype == "uint8" and (len(shape) != 3 or shape[2] != 3):
+            raise ValueError(f"image_shape {list(shape)}: uint8 images are [height, width, 3]")
+        if dtype != "uint8" and (len(shape) != 1 or data["codec"] != "npy"):
+            raise ValueError(
+                f"{dtype} samples are vectors: image_shape [D] and codec npy, got {list(shape)}, {data['codec']}"
+            )
         splits = {}
         for name, s in data["splits"].items():
             shards = tuple(
@@ -177,7 +201,7 @@ class Manifest:
             splits[name] = SplitInfo(int(s["num_samples"]), tuple(s["class_counts"]), bool(s["shuffled"]), shards)
         return cls(
             codec=data["codec"],
-            image_shape=tuple(data["image_shape"]),
+            image_shape=shape,
             label_names=tuple(data["label_names"]),
             splits=splits,
             source=data["source"],
@@ -186,4 +210,5 @@ class Manifest:
             created_by=data["created_by"],
             format_version=data["format_version"],
             root=root,
+            dtype=dtype,
         )

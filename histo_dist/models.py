@@ -1,13 +1,20 @@
-"""Models by name: a small CNN and torchvision backbones with a new classification head.
+"""Models by name: small CNNs, torchvision and timm backbones, and heads on embeddings (probes).
 
-`build_model(cfg, num_classes)` returns a `Classifier`: the registry network (`.net`, keeping the
-torchvision module names so ImageNet state dicts load as they are) whose final Linear is replaced
-by `Dropout -> Linear(num_outputs)`. Binary tasks get ONE logit (trained with BCEWithLogitsLoss),
-others one logit per class.
+`build_model(cfg, num_classes, input_shape)` returns a `Classifier`: the registry network (`.net`,
+keeping the torchvision or timm module names so their state dicts load as they are) whose final
+Linear is replaced by `Dropout -> Linear(num_outputs)`. Binary tasks get ONE logit (trained with
+BCEWithLogitsLoss), others one logit per class. Image models take (N, 3, H, W) batches; probes
+(`linear_probe`, `mlp_probe`) take (N, D) embeddings written by `histo-dist embed`.
+
+`timm/<name>` is any model timm builds (`timm/vit_small_patch16_224`, or
+`timm/hf-hub:bioptimus/H-optimus-0` with its config.json in the local Hugging Face cache), with
+`model.kwargs` passed to `timm.create_model`. Its input side and normalisation come from its
+pretrained config (`input_defaults`); its stages are the groups of timm's `group_matcher`.
 
 Transfer learning:
 - `pretrained` loads backbone weights, never over the network: "imagenet" (or a torchvision weights
-  name) from the local torch hub cache, or a state dict file. The head is always freshly initialised.
+  name) from the local torch hub cache; "hub" for a timm model's own weights from the local Hugging
+  Face cache (HF_HUB_OFFLINE); or a state dict file. The head is always freshly initialised.
 - `freeze` stops gradients for the whole backbone ("all") or for every stage up to and including a
   named one; `Classifier.train()` keeps frozen batch norms in eval mode so their running statistics
   stay those of the pretrained weights.
@@ -16,15 +23,19 @@ Transfer learning:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
+import importlib
+import json
 import logging
 import os
 import re
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -131,22 +142,31 @@ def _compact_stages(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class Architecture:
-    head: str
-    """Dotted path of the final Linear in `build()`'s network; build_model replaces it."""
+    head: str | Callable[[ModelConfig], str]
+    """Dotted path of the final Linear in `build()`'s network; build_model replaces it (or a function of the model
+    config giving it)."""
     stages: dict[str, tuple[str, ...]] | Callable[[ModelConfig], dict[str, tuple[str, ...]]]
-    """Stage name -> dotted module paths, in forward order; together they hold every backbone parameter (or a
-    function of the model config giving them)."""
-    build: Callable[[ModelConfig], nn.Module]
-    """A randomly initialised network of the model config (never downloads)."""
+    """Stage name -> dotted module (or parameter) paths, in forward order; together they hold every backbone
+    parameter (or a function of the model config giving them)."""
+    build: Callable[[ModelConfig, tuple[int, ...] | None], nn.Module]
+    """The network of the model config for inputs of a shape ((H, W, C) images, (D,) embeddings; None: unknown);
+    randomly initialised unless the architecture loads its own weights (timm); never downloads."""
     torchvision: bool = True
     """Has torchvision weights (resolved by the registry name)."""
+    inputs: Literal["images", "embeddings"] = "images"
+    """What the network takes: uint8 images made into (N, 3, H, W) floats, or (N, D) embedding vectors."""
+    loads_weights: bool = False
+    """`build` loads `model.pretrained` itself (timm); else build_model loads it with `_load_backbone`."""
+
+    def head_of(self, cfg: ModelConfig) -> str:
+        return self.head(cfg) if callable(self.head) else self.head
 
     def stages_of(self, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
         return self.stages(cfg) if callable(self.stages) else self.stages
 
 
-def _torchvision(name: str) -> Callable[[ModelConfig], nn.Module]:
-    def build(cfg: ModelConfig) -> nn.Module:
+def _torchvision(name: str) -> Callable[[ModelConfig, Any], nn.Module]:
+    def build(cfg: ModelConfig, input_shape: tuple[int, ...] | None) -> nn.Module:
         import torchvision
 
         return torchvision.models.get_model(name, weights=None)
@@ -164,19 +184,19 @@ ARCHITECTURES: dict[str, Architecture] = {
     "simple_cnn": Architecture(
         head="fc",
         stages={**{f"block{i + 1}": (f"features.{i}",) for i in range(4)}, "hidden": ("hidden",)},
-        build=lambda cfg: SimpleCNN(),
+        build=lambda cfg, shape: SimpleCNN(),
         torchvision=False,
     ),
     "compact_cnn": Architecture(
         head="fc",
         stages=_compact_stages,
-        build=lambda cfg: CompactCNN(cfg.width, cfg.depths, residual=False),
+        build=lambda cfg, shape: CompactCNN(cfg.width, cfg.depths, residual=False),
         torchvision=False,
     ),
     "compact_resnet": Architecture(
         head="fc",
         stages=_compact_stages,
-        build=lambda cfg: CompactCNN(cfg.width, cfg.depths, residual=True),
+        build=lambda cfg, shape: CompactCNN(cfg.width, cfg.depths, residual=True),
         torchvision=False,
     ),
     **{name: Architecture("fc", _RESNET_STAGES, _torchvision(name)) for name in ("resnet18", "resnet34", "resnet50")},
@@ -221,8 +241,288 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         build=_torchvision("convnext_tiny"),
     ),
+    "linear_probe": Architecture(
+        head="fc",
+        stages={},
+        build=lambda cfg, shape: Probe(_embedding_size(cfg, shape)),
+        torchvision=False,
+        inputs="embeddings",
+    ),
+    "mlp_probe": Architecture(
+        head="fc",
+        stages={"hidden": ("hidden",)},
+        build=lambda cfg, shape: Probe(_embedding_size(cfg, shape), hidden=cfg.width),
+        torchvision=False,
+        inputs="embeddings",
+    ),
 }
 MODEL_NAMES = tuple(ARCHITECTURES)
+TIMM_PREFIX = "timm/"
+
+
+def architecture(name: str) -> Architecture | None:
+    """The registry's architecture of `name` (`timm/<name>` for any timm model), or None when unknown."""
+    if name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX):
+        return _TIMM
+    return ARCHITECTURES.get(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads on embeddings
+
+
+class Probe(nn.Module):
+    """A head on embeddings: one Linear layer (linear_probe), or Linear-ReLU to `hidden` units, then the Linear
+    layer (mlp_probe)."""
+
+    def __init__(self, dim: int, hidden: int = 0, num_classes: int = 1000):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU()) if hidden else nn.Identity()
+        self.fc = nn.Linear(hidden or dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.hidden(x))
+
+
+def _embedding_size(cfg: ModelConfig, input_shape: tuple[int, ...] | None) -> int:
+    if input_shape is None or len(input_shape) != 1:
+        raise ModelError(f"model.name={cfg.name}: built for embeddings of a known size, got input shape {input_shape}")
+    return int(input_shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# timm backbones: built, and their weights found, without any download
+
+
+def _timm_name(cfg: ModelConfig) -> str:
+    return cfg.name.removeprefix(TIMM_PREFIX)
+
+
+_CLASS_PATH = re.compile(r"^(?:timm|torch)(?:\.\w+)+$")
+
+
+def resolve_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """model.kwargs for timm.create_model: strings that name a class or function of timm or torch
+    ('timm.layers.SwiGLUPacked', 'torch.nn.SiLU') become it; ModelError names a key that names nothing.
+    num_classes (model cards give 0) is left out: the backbone is always built without classifier."""
+    out = {}
+    for key, value in kwargs.items():
+        if key == "num_classes":
+            continue
+        if isinstance(value, str) and _CLASS_PATH.match(value):
+            module, _, attr = value.rpartition(".")
+            try:
+                value = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                raise ModelError(f"kwargs.{key}: {value!r} names nothing importable (no {attr} in {module})") from None
+        out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE for what runs inside: Hugging Face lookups answer from the local cache or fail, never
+    download (huggingface_hub reads the variable at import, so its constant is set too)."""
+    import huggingface_hub.constants as hf
+
+    saved_env, saved_constant = os.environ.get("HF_HUB_OFFLINE"), hf.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hf.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hf.HF_HUB_OFFLINE = saved_constant
+        if saved_env is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+def _hf_cached(repo: str, filename: str) -> Path | None:
+    """A file of a Hugging Face repo ('org/name' or 'org/name@revision') in the local cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    found = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hf_missing(what: str, repo: str, files: list[str]) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo_id = repo.partition("@")[0]
+    return (
+        f"{what} are not in the local Hugging Face cache ({HF_HUB_CACHE}), and histo-dist never downloads at run "
+        f"time. On a machine with network (for a gated repo, accept its terms on huggingface.co and run "
+        f"`hf auth login` first):\n  hf download {repo_id} {' '.join(files)}\nthen copy "
+        f"{Path(HF_HUB_CACHE) / ('models--' + repo_id.replace('/', '--'))} into this machine's cache "
+        "(HF_HOME or HF_HUB_CACHE say where it is)"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _timm_skeleton_of(name: str, kwargs_json: str) -> nn.Module:
+    import timm
+
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        repo = name.split(":", 1)[1]
+        if _hf_cached(repo, "config.json") is None:
+            raise ModelError(
+                f"model.name=timm/{name}: "
+                + _hf_missing("its config.json and weights", repo, ["config.json", "model.safetensors"])
+            )
+    elif not name.startswith("local-dir:") and not timm.is_model(name.split(".")[0]):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f" (did you mean 'timm/{close[0]}'?)" if close else ""
+        raise ModelError(f"model.name=timm/{name}: timm {timm.__version__} has no such model{hint}")
+    kwargs = resolve_kwargs(json.loads(kwargs_json))
+    with _hf_offline(), torch.device("meta"):  # no memory, no initialisation: only the structure
+        try:
+            skeleton = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+            raise ModelError(
+                f"timm.create_model({name!r}, **model.kwargs={kwargs}) failed: {type(e).__name__}: {e}"
+            ) from None
+    classifier = skeleton.pretrained_cfg.get("classifier")
+    if not isinstance(classifier, str):
+        raise ModelError(
+            f"model.name=timm/{name}: its classifier is {classifier!r}, not one Linear layer; not supported"
+        )
+    return skeleton
+
+
+def timm_skeleton(cfg: ModelConfig) -> nn.Module:
+    """The timm model of the config on the meta device (its structure and pretrained config: no weights, no
+    memory), built once; ModelError names what is wrong (an unknown name, kwargs timm refuses, a missing hub
+    config)."""
+    return _timm_skeleton_of(_timm_name(cfg), json.dumps(cfg.kwargs, sort_keys=True))
+
+
+def _timm_stages(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """timm's own grouping of the parameters (`group_matcher(coarse=True)`, what it uses for layer-wise lr decay):
+    'stem', then each group named by where it starts: a ViT's blocks.0 .. blocks.N (the final norm with the last),
+    a ResNet's layer1 .. layer4, a ConvNeXt's stages.0 .. stages.3; parameter paths."""
+    from timm.models import group_parameters
+
+    skeleton = timm_skeleton(cfg)
+    try:
+        matcher = skeleton.group_matcher(coarse=True)
+    except (AttributeError, NotImplementedError):
+        return {}
+    blocks = matcher.get("blocks", [])
+    patterns = [blocks] if isinstance(blocks, str) else [b if isinstance(b, str) else b[0] for b in blocks]
+    stages: dict[str, tuple[str, ...]] = {}
+    for i, names in enumerate(group_parameters(skeleton, matcher).values()):
+        found = (re.match(p, names[0]) for p in patterns)
+        label = "stem" if i == 0 else next((m.group(0) for m in found if m), names[0].rpartition(".")[0])
+        stages[label if label not in stages else f"{label}#{i}"] = tuple(names)
+    return stages
+
+
+def _timm_head(cfg: ModelConfig) -> str:
+    return timm_skeleton(cfg).pretrained_cfg["classifier"]
+
+
+def _timm_weights_file(cfg: ModelConfig) -> Path:
+    """The local file of `model.pretrained` for a timm model: a path, or 'hub' = the weights of the model's
+    pretrained config in the local Hugging Face cache (or the torch hub cache for weights timm knows by URL)."""
+    if cfg.pretrained != "hub":
+        path = Path(cfg.pretrained).expanduser()
+        if not path.is_file():
+            raise ModelError(
+                f"model.pretrained={cfg.pretrained!r}: no such file; give 'hub' (the weights of {cfg.name} from the "
+                "local Hugging Face cache) or the path of a state dict file (.safetensors, .pth, .bin)"
+            )
+        return path
+    pcfg = timm_skeleton(cfg).pretrained_cfg
+    repo, url = pcfg.get("hf_hub_id"), pcfg.get("url")
+    if repo:
+        files = [pcfg["hf_hub_filename"]] if pcfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+        for name in files:
+            found = _hf_cached(repo, name)
+            if found is not None:
+                return found
+        what = f"model.pretrained=hub: the weights of {cfg.name} (Hugging Face repo {repo}, file {files[0]})"
+        raise ModelError(_hf_missing(what, repo, files[:1]) + ", or set model.pretrained to the file's path")
+    if url:
+        path = hub_weights_path(url)
+        if not path.is_file():
+            raise ModelError(
+                f"model.pretrained=hub: the weights of {cfg.name} are not in the local torch hub cache, and histo-dist "
+                f"never downloads at run time. On a machine with network, fetch\n  {url}\nand put the file at\n  "
+                f"{path}\nor set model.pretrained to the file's path"
+            )
+        return path
+    raise ModelError(f"model.pretrained=hub: timm knows no weights of {cfg.name}; give the path of a state dict file")
+
+
+def _build_timm(cfg: ModelConfig, input_shape: tuple[int, ...] | None) -> nn.Module:
+    """The timm network without its classifier (a placeholder Linear sits at its path), with `model.pretrained`
+    loaded through timm's own filter (position embeddings resampled to model.kwargs.img_size, old key names
+    mapped), strictly: every backbone weight must come from the file."""
+    import timm
+
+    skeleton = timm_skeleton(cfg)
+    name, kwargs = _timm_name(cfg), resolve_kwargs(cfg.kwargs)
+    head = skeleton.pretrained_cfg["classifier"]
+    with _hf_offline():
+        if not cfg.pretrained:
+            net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        else:
+            path = _timm_weights_file(cfg)
+            state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(head + ".")}
+            # The state dict goes in as the pretrained config's source (never a download), and the model is built
+            # without classifier so that timm loads strictly.
+            overlay = {"state_dict": state, "num_classes": 0, "source": "timm", "custom_load": False}
+            try:
+                net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs)
+            except (RuntimeError, KeyError, ValueError) as e:
+                detail = str(e).replace("\n", " ")
+                raise ModelError(
+                    f"weights file {path} does not fit {cfg.name}"
+                    + (f" with model.kwargs={cfg.kwargs}" if cfg.kwargs else "")
+                    + f": {detail[:600]}{' ...' if len(detail) > 600 else ''}"
+                ) from None
+            net.pretrained_cfg.pop("state_dict", None)  # the model keeps its config: not a second copy of the weights
+            log.info("model %s: backbone weights loaded from %s", cfg.name, path)
+    features = getattr(net, "head_hidden_size", None) or net.num_features
+    net.set_submodule(head, nn.Linear(features, 1))  # replaced by build_model's Head
+    return net
+
+
+_TIMM = Architecture(head=_timm_head, stages=_timm_stages, build=_build_timm, torchvision=False, loads_weights=True)
+
+
+def input_defaults(cfg: ModelConfig) -> dict[str, Any]:
+    """What the model says about its input, as augment values: a timm model's side (model.kwargs.img_size, else
+    its pretrained config's input size) and normalisation (mean, std); {} for the others."""
+    if architecture(cfg.name) is not _TIMM:
+        return {}
+    pcfg = timm_skeleton(cfg).pretrained_cfg
+    size = cfg.kwargs.get("img_size") or pcfg.get("input_size", (3, 224, 224))[1:]
+    side = size if isinstance(size, int) else max(size)
+    return {
+        "resize": int(side),
+        "mean": tuple(pcfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(pcfg.get("std", IMAGENET_STD)),
+    }
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def check_input_side(cfg: ModelConfig, side: int, where: str) -> None:
+    """Refuse inputs of another side than a fixed-size timm model takes (a ViT without dynamic_img_size)."""
+    if architecture(cfg.name) is not _TIMM:
+        return
+    skeleton = timm_skeleton(cfg)
+    patch_embed = getattr(skeleton, "patch_embed", None)
+    fixed = getattr(patch_embed, "img_size", None) if getattr(patch_embed, "strict_img_size", False) else None
+    if fixed and not getattr(skeleton, "dynamic_img_size", False) and tuple(fixed) != (side, side):
+        raise ModelError(
+            f"{where}: {cfg.name} takes {fixed[1]}x{fixed[0]} inputs, and gets {side}x{side}: set augment.resize="
+            f"{fixed[0]}, or model.kwargs.img_size={side} (pretrained position embeddings are resampled), or "
+            "model.kwargs.dynamic_img_size=true"
+        )
 
 
 def _is_weights_name(pretrained: str) -> bool:
@@ -232,7 +532,7 @@ def _is_weights_name(pretrained: str) -> bool:
 
 
 def freeze_choices(cfg: ModelConfig) -> tuple[str, ...]:
-    return ("none", "all", *ARCHITECTURES[cfg.name].stages_of(cfg))
+    return ("none", "all", *architecture(cfg.name).stages_of(cfg))
 
 
 def num_outputs(num_classes: int) -> int:
@@ -246,21 +546,29 @@ def num_outputs(num_classes: int) -> int:
 class ModelConfig:
     name: str = "simple_cnn"
     """Architecture: simple_cnn, compact_cnn, compact_resnet, resnet18, resnet34, resnet50, densenet121, vgg16_bn,
-    efficientnet_b0, convnext_tiny."""
+    efficientnet_b0, convnext_tiny; timm/<name> for any timm model (timm/vit_small_patch16_224,
+    timm/hf-hub:bioptimus/H-optimus-0 with its config.json in the local Hugging Face cache); on embeddings
+    (`histo-dist embed`): linear_probe, mlp_probe."""
     pretrained: str | None = None
     """Backbone weights: null = random init; "imagenet" (or a torchvision weights name such as IMAGENET1K_V1) = from the
-    local torch hub cache, never downloaded; else the path of a state dict file (torch.load or .safetensors)."""
+    local torch hub cache, never downloaded; "hub" (timm models) = the weights of the model's pretrained config from
+    the local Hugging Face cache, never downloaded; else the path of a state dict file (torch.load or .safetensors)."""
     init_from: str | None = None
     """A training checkpoint (RUN/checkpoints/best.pt or step-*.pt) whose model weights, head included, start this
     run (its trained weights, not its EMA average); optimizer, schedule and data order start fresh. The way to go on
-    training with values a resume refuses to change (learning rate, batch size, ranks, epochs...): a new run dir."""
+    training with values a resume refuses to change (learning rate, epochs, the global batch...): a new run dir."""
     freeze: str = "none"
     """Frozen part: none, all (train only the new head), or a stage name freezing the stem up to and including it
-    (resnets: stem, layer1..layer4)."""
+    (resnets: stem, layer1..layer4; timm: stem, then timm's groups, e.g. blocks.0..blocks.11 of a ViT-B)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """timm models: keyword arguments of timm.create_model, e.g. {init_values: 1.0e-5, mlp_layer:
+    timm.layers.SwiGLUPacked, act_layer: torch.nn.SiLU, img_size: 96}; strings naming a class of timm or torch are
+    resolved to it; num_classes is ignored (the backbone is built without classifier, then gets the new head)."""
     dropout: float = 0.0
     """Dropout right before the new classification layer (on top of any the architecture has)."""
     width: int = 32
-    """compact_cnn, compact_resnet: channels of the first stage (doubled at each stage after it, at most 16x)."""
+    """compact_cnn, compact_resnet: channels of the first stage (doubled at each stage after it, at most 16x);
+    mlp_probe: hidden units."""
     depths: tuple[int, ...] = (1, 1, 1, 1)
     """compact_cnn, compact_resnet: conv layers (compact_cnn) or residual blocks (compact_resnet) of each stage; each
     stage after the first halves the resolution."""
@@ -278,17 +586,37 @@ class ModelConfig:
                 f"init_from: {self.init_from} gives every weight, and pretrained: {self.pretrained} the backbone's; "
                 "give one of them"
             )
-        if self.name not in ARCHITECTURES:
+        arch = architecture(self.name)
+        if arch is None:
             close = difflib.get_close_matches(self.name, MODEL_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"name: unknown model {self.name!r}{hint}; known: {', '.join(MODEL_NAMES)}")
+            problems.append(f"name: unknown model {self.name!r}{hint}; known: {', '.join(MODEL_NAMES)}, timm/<name>")
             return problems
+        if arch is _TIMM:
+            try:
+                timm_skeleton(self)
+            except ModelError as e:
+                problems.append(f"name: {e}")
+                return problems
+        elif self.kwargs:
+            problems.append(f"kwargs: only timm models take keyword arguments, and {self.name} is not one")
+        if arch.inputs == "embeddings" and self.pretrained:
+            problems.append(f"pretrained: {self.name} starts from random weights (it is a head on embeddings)")
         if self.freeze not in freeze_choices(self):
             problems.append(
                 f"freeze: {self.name} has no stage {self.freeze!r}; valid: {', '.join(freeze_choices(self))}"
             )
-        if self.pretrained and _is_weights_name(self.pretrained) and _weights_enum(self.name, self.pretrained) is None:
-            if ARCHITECTURES[self.name].torchvision:
+        if self.pretrained == "hub" and arch is not _TIMM:
+            problems.append(f"pretrained: 'hub' (the local Hugging Face cache) is for timm models, not {self.name}")
+        elif (
+            self.pretrained and _is_weights_name(self.pretrained) and _weights_enum(self.name, self.pretrained) is None
+        ):
+            if arch is _TIMM:
+                problems.append(
+                    f"pretrained: {self.pretrained!r} is a torchvision weights name; a timm model takes 'hub' (its "
+                    "weights from the local Hugging Face cache) or a file path"
+                )
+            elif arch.torchvision:
                 known = ", ".join(["imagenet", *_weights_class(self.name).__members__])
                 problems.append(
                     f"pretrained: {self.name} has no weights {self.pretrained!r}; known: {known}, or a file path"
@@ -347,14 +675,15 @@ def make_deterministic(model: nn.Module) -> nn.Module:
 class Classifier(nn.Module):
     """A registry network with its new head; `train()` keeps frozen batch norms in eval mode."""
 
-    def __init__(self, name: str, net: nn.Module):
+    def __init__(self, name: str, net: nn.Module, head_path: str):
         super().__init__()
         self.arch_name = name
         self.net = net
+        self.head_path = head_path
 
     @property
     def head(self) -> nn.Module:
-        return self.net.get_submodule(ARCHITECTURES[self.arch_name].head)
+        return self.net.get_submodule(self.head_path)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
@@ -382,20 +711,40 @@ class Classifier(nn.Module):
         return self
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
-    """The configured network with a new head of `num_outputs(num_classes)` logits, weights loaded, frozen as asked."""
+def stage_parameters(net: nn.Module, path: str) -> list[nn.Parameter]:
+    """The parameters a stage path names: a module's, or one parameter (a ViT's cls_token, pos_embed)."""
+    try:
+        return list(net.get_submodule(path).parameters())
+    except AttributeError:
+        return [net.get_parameter(path)]
+
+
+def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...] | None = None) -> Classifier:
+    """The configured network with a new head of `num_outputs(num_classes)` logits, weights loaded, frozen as asked,
+    for data of `input_shape` ((H, W, 3) images, (D,) embeddings: the manifest's image_shape; None: images)."""
     problems = cfg.validate()
     if problems:
         raise ConfigError(problems, "model config")
-    arch = ARCHITECTURES[cfg.name]
-    net = arch.build(cfg)
-    old_head = net.get_submodule(arch.head)
-    net.set_submodule(
-        arch.head, Head(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes)))
-    )
-    if cfg.pretrained:
+    arch = architecture(cfg.name)
+    embeddings = input_shape is not None and len(input_shape) == 1
+    if embeddings and arch.inputs == "images":
+        raise ModelError(
+            f"model.name={cfg.name} takes images, and the data holds embeddings of {input_shape[0]} values (written "
+            "by `histo-dist embed`): train linear_probe or mlp_probe on them"
+        )
+    if not embeddings and arch.inputs == "embeddings":
+        raise ModelError(
+            f"model.name={cfg.name} is a head on embeddings, and the data holds images"
+            + (f" of {input_shape[1]}x{input_shape[0]}" if input_shape else "")
+            + ": compute embeddings with `histo-dist embed` first, or choose an image model"
+        )
+    net = arch.build(cfg, None if input_shape is None else tuple(input_shape))
+    head = arch.head_of(cfg)
+    old_head = net.get_submodule(head)
+    net.set_submodule(head, Head(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes))))
+    if cfg.pretrained and not arch.loads_weights:
         _load_backbone(net, cfg.name, cfg.pretrained)
-    model = Classifier(cfg.name, net)
+    model = Classifier(cfg.name, net, head)
     if cfg.init_from:
         _init_from(model, cfg, num_classes)
     if cfg.freeze != "none" and not (cfg.pretrained or cfg.init_from):
@@ -408,7 +757,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
         names = list(stages)
         for stage in names[: names.index(cfg.freeze) + 1]:
             for path in stages[stage]:
-                net.get_submodule(path).requires_grad_(False)
+                for p in stage_parameters(net, path):
+                    p.requires_grad_(False)
     return model.train()  # puts the norms just frozen in eval mode
 
 
@@ -424,7 +774,7 @@ def _weights_class(name: str) -> Any:
 
 def _weights_enum(name: str, pretrained: str) -> Any | None:
     """The torchvision weights `pretrained` names for model `name`, or None when it names none."""
-    if not ARCHITECTURES[name].torchvision:
+    if not architecture(name).torchvision:
         return None
     weights = _weights_class(name)
     if pretrained.lower() == "imagenet":
@@ -433,8 +783,10 @@ def _weights_enum(name: str, pretrained: str) -> Any | None:
 
 
 def hub_weights_path(weights: Any) -> Path:
-    """Where torch hub caches a torchvision weights file: <torch.hub.get_dir()>/checkpoints/<file name of its URL>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(weights.url).path)
+    """Where torch hub caches a weights file (torchvision weights, or a URL): <torch.hub.get_dir()>/checkpoints/<file
+    name of its URL>."""
+    url = getattr(weights, "url", weights)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
 
 
 def _load_backbone(net: nn.Module, name: str, pretrained: str) -> None:
@@ -456,7 +808,7 @@ def _load_backbone(net: nn.Module, name: str, pretrained: str) -> None:
                 f"(e.g. curl -L --create-dirs -o {path} {weights.url}; the cache is $TORCH_HOME/hub, "
                 "default ~/.cache/torch/hub), or set model.pretrained to the file's path."
             )
-    head = ARCHITECTURES[name].head + "."
+    head = ARCHITECTURES[name].head_of(None) + "."
     state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(head)}
     expected = {k: v for k, v in net.state_dict().items() if not k.startswith(head)}
     # Files written before BatchNorm counted its batches lack num_batches_tracked; it only matters for momentum=None.

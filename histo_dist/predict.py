@@ -38,6 +38,7 @@ from histo_dist.inference import (
     InferenceOptions,
     autocast,
     check_classes,
+    check_data,
     check_size,
     load_inference_model,
     resize_uint8,
@@ -176,9 +177,7 @@ def _shards(root: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
     if info.num_samples == 0:
         raise InputError(f"{root}: split {cfg.split!r} holds no samples")
     check_classes(model, manifest.num_classes, manifest.label_names, str(manifest.root / "manifest.json"))
-    check_size(
-        model, manifest.image_shape[0], manifest.image_shape[1], str(manifest.root / "manifest.json"), cfg.resize
-    )
+    check_data(model, manifest.image_shape, str(manifest.root / "manifest.json"), cfg.resize)
     loader = ShardLoader(manifest, cfg.split, cfg.loader_config(), training=False)
 
     def batches():
@@ -232,6 +231,11 @@ def predict(cfg: PredictConfig) -> str:
     check_input(cfg.input, "--input")
     out = check_output(cfg.output, "--output", "file")
     model = load_inference_model(cfg.checkpoint, cfg.weights)
+    if len(model.image_shape) == 1:
+        raise InputError(
+            f"--checkpoint {cfg.checkpoint}: a {model.model_name} takes embeddings, and predict reads images; "
+            "evaluate it on an embedding dataset with `histo-dist evaluate`"
+        )
     threshold, threshold_tta = read_thresholds(cfg.threshold) if model.binary else (None, None)
     source = open_input(cfg, model)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")

@@ -75,6 +75,7 @@ def provenance(*, world_size: int, device_type: str, mixed_precision: str, manif
         "histo-dist",
         "torch",
         "torchvision",
+        "timm",
         "accelerate",
         "webdataset",
         "torchmetrics",

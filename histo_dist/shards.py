@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from histo_dist.errors import HistoDistError
-from histo_dist.files import atomic_open
+from histo_dist.files import atomic_open, sha256_file
 from histo_dist.manifest import CODEC_EXTENSIONS, ShardInfo
 
 
@@ -58,35 +58,36 @@ def encode_image(image: np.ndarray, codec: str, jpeg_quality: int = 95, png_leve
     return buf.getvalue()
 
 
-_NPY_HEADERS: dict[tuple[int, ...], tuple[bytes, int]] = {}
+_NPY_HEADERS: dict[tuple, tuple[bytes, int]] = {}
 
 
-def npy_header(shape: tuple[int, ...]) -> tuple[bytes, int]:
-    """The exact .npy header numpy writes for a uint8 C-order array of `shape`, and the data size (cached)."""
-    if shape not in _NPY_HEADERS:
+def npy_header(shape: tuple[int, ...], dtype: str = "uint8") -> tuple[bytes, int]:
+    """The exact .npy header numpy writes for a C-order array of `shape` and `dtype`, and the data size (cached)."""
+    if (shape, dtype) not in _NPY_HEADERS:
         buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.zeros(shape, np.uint8), allow_pickle=False)
-        nbytes = int(np.prod(shape))
-        _NPY_HEADERS[shape] = (buf.getvalue()[:-nbytes], nbytes)
-    return _NPY_HEADERS[shape]
+        array = np.zeros(shape, dtype)
+        np.lib.format.write_array(buf, array, allow_pickle=False)
+        _NPY_HEADERS[shape, dtype] = (buf.getvalue()[: -array.nbytes], array.nbytes)
+    return _NPY_HEADERS[shape, dtype]
 
 
-def decode_image(data: bytes | memoryview, codec: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """Bytes of one image member -> uint8 (H,W,3); raises ValueError when it is not that."""
+def decode_image(data: bytes | memoryview, codec: str, shape: tuple[int, ...], dtype: str = "uint8") -> np.ndarray:
+    """Bytes of one image member -> uint8 (H,W,3) (or the `dtype` array of `shape`, for embeddings); raises
+    ValueError when it is not that."""
     if codec == "npy":
-        header, nbytes = npy_header(tuple(shape))
+        header, nbytes = npy_header(tuple(shape), dtype)
         # Fast path: every image of a dataset has the same header, so skip parsing it (~30x faster
         # than np.load at 96x96, where per-sample work dominates the loader).
         if len(data) == len(header) + nbytes and data[: len(header)] == header:
-            return np.frombuffer(data, np.uint8, offset=len(header)).reshape(shape)
+            return np.frombuffer(data, dtype, offset=len(header)).reshape(shape)
         array = np.load(io.BytesIO(data), allow_pickle=False)
     else:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
             array = np.asarray(im.convert("RGB"))
-    if array.dtype != np.uint8 or array.shape != tuple(shape):
-        raise ValueError(f"image is {array.dtype} {array.shape}, expected uint8 {tuple(shape)}")
+    if array.dtype != np.dtype(dtype) or array.shape != tuple(shape):
+        raise ValueError(f"array is {array.dtype} {array.shape}, expected {dtype} {tuple(shape)}")
     return array
 
 
@@ -114,12 +115,13 @@ def write_shard(
     keys: list[str],
     images: np.ndarray,
     labels: np.ndarray,
-    metas: list[dict],
+    metas: list[dict] | None,
     codec: str,
     num_classes: int,
     jpeg_quality: int = 95,
 ) -> ShardInfo:
     """Write one shard atomically: temp file in the same folder, fsync, rename. Returns its info.
+    Without `metas`, samples have no .json member (embeddings: the key says where each came from).
 
     Plain `tarfile` in ustar format, members of a sample in sorted extension order as
     `webdataset.TarWriter` writes them (importing webdataset would import torch in every
@@ -130,12 +132,10 @@ def write_shard(
         with atomic_open(path, "wb") as raw:
             hashing = _HashingFile(raw)
             with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for key, image, label, meta in zip(keys, images, labels, metas):
-                    members = {
-                        "cls": str(int(label)).encode(),
-                        "json": json.dumps(meta, sort_keys=True).encode(),
-                        ext: encode_image(image, codec, jpeg_quality),
-                    }
+                for i, (key, image, label) in enumerate(zip(keys, images, labels)):
+                    members = {"cls": str(int(label)).encode(), ext: encode_image(image, codec, jpeg_quality)}
+                    if metas is not None:
+                        members["json"] = json.dumps(metas[i], sort_keys=True).encode()
                     for member_ext in sorted(members):
                         info = tarfile.TarInfo(f"{key}.{member_ext}")
                         info.size, info.mtime, info.mode = len(members[member_ext]), 0, 0o444
@@ -219,9 +219,10 @@ def iter_raw_samples(path: str | Path, fileobj=None) -> Iterator[RawSample]:
 
 
 def decode_sample(
-    sample: RawSample, shard: str, codec: str, shape: tuple[int, int, int], num_classes: int
+    sample: RawSample, shard: str, codec: str, shape: tuple[int, ...], num_classes: int, dtype: str = "uint8"
 ) -> tuple[np.ndarray, int]:
-    """The image and label of a raw sample; ShardError naming shard and key when either is bad."""
+    """The image (or embedding) and label of a raw sample; ShardError naming shard and key when either is bad
+    (an embedding must be finite)."""
     ext = CODEC_EXTENSIONS[codec]
     where = f"{shard}: sample {sample.key!r}"
     if "cls" not in sample.members:
@@ -235,10 +236,23 @@ def decode_sample(
     if not 0 <= label < num_classes:
         raise ShardError(f"{where}: label {label} outside 0..{num_classes - 1}")
     try:
-        image = decode_image(sample.members[ext], codec, shape)
+        image = decode_image(sample.members[ext], codec, shape, dtype)
     except Exception as e:  # any decoder failure is a bad sample, named
         raise ShardError(f"{where}: cannot decode .{ext} image ({e})") from None
+    if dtype != "uint8" and not np.isfinite(image).all():
+        raise ShardError(f"{where}: the embedding holds NaN or inf values")
     return image, label
+
+
+def read_shard_info(path: Path, num_classes: int) -> ShardInfo:
+    """The info of a complete shard on disk (sample and class counts re-read, sha256): for shards a killed
+    conversion or embedding left, which a rerun keeps."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    n = 0
+    for sample in iter_raw_samples(path):
+        counts[int(sample.members["cls"])] += 1
+        n += 1
+    return ShardInfo(path.name, n, tuple(int(c) for c in counts), sha256_file(path), path.stat().st_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ the test split exactly as `histo-dist evaluate` would (evaluation.py), into RUN/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -41,10 +43,10 @@ from histo_dist.evaluation import evaluate_split, gather_objects, scalars, valid
 from histo_dist.experiment import RESUMABLE, ExperimentConfig, load_experiment, resume_changes
 from histo_dist.files import check_input, write_atomic
 from histo_dist.inference import InferenceModel
-from histo_dist.loader import ShardLoader
+from histo_dist.loader import split_loader
 from histo_dist.manifest import Manifest
 from histo_dist.metrics import is_better
-from histo_dist.models import build_model, make_deterministic
+from histo_dist.models import build_model, check_input_side, make_deterministic
 from histo_dist.optim import LRSchedule, build_optimizer
 from histo_dist.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from histo_dist.rundir import RunDirClaim, RunDirError, default_run_dir, earlier_run, provenance, write_run_files
@@ -62,6 +64,14 @@ def _step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """Seed for the torch RNG of a micro-batch (dropout, etc.): a resumed run draws the same numbers on
     every rank without saving RNG states, and the micro-batches of an accumulated step draw different ones."""
     return (seed * 1_000_003 + rank * 7919 + step * 104_729 + micro * 15_485_863) % (2**63)
+
+
+def _seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generators a step draws from: the CPU's, and the GPU's it runs on. (torch.manual_seed also queues
+    a seed for CUDA when CUDA is not initialised, with a traceback: ~3 ms per call, longer than a probe's step.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -124,26 +134,6 @@ class Validator:
         return bool(self.patience and self.evals_without_improvement >= self.patience)
 
 
-def make_accelerator(cfg: ExperimentConfig):
-    """The Accelerator of a run: DDP when launched on several ranks, mixed precision, gradient accumulation."""
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
-
-    t = cfg.train
-    use_cpu = t.cpu or not torch.cuda.is_available()
-    return Accelerator(
-        cpu=use_cpu,
-        mixed_precision=resolve_precision(t.mixed_precision, use_cpu),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s))],
-        # Our loaders are not `prepare`d, so accumulation syncs every k micro-batches, never on a
-        # dataloader end it cannot see; epochs are cut to multiples of k below.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=t.grad_accum_steps, sync_with_dataloader=False
-        ),
-        log_with="wandb" if cfg.tracking.wandb and cfg.tracking.mode != "disabled" else None,
-    )
-
-
 class Trainer:
     """A small orchestrator: owns the model, optimizer, schedule and loaders, and asks the Validator
     and the Checkpointer when to act."""
@@ -151,12 +141,7 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, accelerator=None):
         self.cfg, self.run_dir = cfg, run_dir
         t = cfg.train
-        if t.deterministic:
-            # cuBLAS is deterministic only with a fixed workspace, set before its first use.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        self.accelerator = accelerator or make_accelerator(cfg)
+        self.accelerator = accelerator or build_accelerator(cfg)
         acc = self.accelerator
         self.rank, self.world_size, self.device = acc.process_index, acc.num_processes, acc.device
         torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -164,12 +149,21 @@ class Trainer:
         # Data: one loader per rank and split, straight from the shards.
         self.manifest = Manifest.load(cfg.data.shards)
         self.num_classes = self.manifest.num_classes
-        height, width = self.manifest.image_shape[:2]
-        if cfg.augment.crop > min(height, width):
+        embeddings = self.manifest.embeddings  # (N, D) vectors: no crop, resize, augmentation or TTA
+        if embeddings and cfg.test.tta:
             raise HistoDistError(
-                f"augment.crop={cfg.augment.crop} does not fit the {width}x{height} patches of "
-                f"{cfg.data.shards}; give at most {min(height, width)}, or 0 for the whole patch"
+                f"test.tta: TTA averages over the symmetries of images, and {cfg.data.shards} holds embeddings; "
+                "set test.tta=false"
             )
+        if not embeddings:
+            height, width = self.manifest.image_shape[:2]
+            if cfg.augment.crop > min(height, width):
+                raise HistoDistError(
+                    f"augment.crop={cfg.augment.crop} does not fit the {width}x{height} patches of "
+                    f"{cfg.data.shards}; give at most {min(height, width)}, or 0 for the whole patch"
+                )
+            side = cfg.augment.resize or cfg.augment.crop or height
+            check_input_side(cfg.model, side, f"{cfg.data.shards} ({width}x{height} patches)")
         self.build_train_loader(t.grad_accum_steps)
         # The run's length: its epochs (or max_steps), or what a time budget allows, planned once at
         # the end of the warmup (budget.py); until then the schedule only needs the warmup's length.
@@ -180,7 +174,7 @@ class Trainer:
 
         # Model, optimizer, schedule. The schedule is NOT passed through `prepare`: Accelerate
         # would step it once per process per optimizer step.
-        model = build_model(cfg.model, self.num_classes)
+        model = build_model(cfg.model, self.num_classes, self.manifest.image_shape)
         if t.deterministic and self.device.type == "cuda":
             model = make_deterministic(model)
         if t.sync_batchnorm and self.world_size > 1:
@@ -222,8 +216,8 @@ class Trainer:
     def build_train_loader(self, accumulation: int) -> None:
         """This rank's training loader: micro-batches of loader.batch_size, `accumulation` per optimizer step."""
         cfg = self.cfg
-        worker_aug = cfg.augment.enabled and cfg.augment.where == "worker"
-        self.train_loader = ShardLoader(
+        worker_aug = cfg.augment.enabled and cfg.augment.where == "worker" and not self.manifest.embeddings
+        self.train_loader = split_loader(
             self.manifest,
             cfg.data.train_split,
             cfg.loader,
@@ -290,6 +284,8 @@ class Trainer:
         """Move a training batch to the device and finish augmentation/normalisation there."""
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
+        if images.dim() == 2:  # embeddings
+            return images.float(), labels
         if images.dtype == torch.uint8:  # not yet augmented in a worker
             if self.cfg.augment.enabled:
                 images = augment(images, batch["seed"].to(self.device, non_blocking=True), self.cfg.augment)
@@ -310,9 +306,12 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> bool:
         """Forward and backward on one micro-batch; steps the optimizer every k-th. True if it did."""
         acc = self.accelerator
-        torch.manual_seed(_step_seed(self.cfg.train.seed, self.rank, self.step, self._micro))
+        _seed_step(_step_seed(self.cfg.train.seed, self.rank, self.step, self._micro), self.device)
         images, labels = self.prepare_inputs(batch)
-        self.model.train()
+        # Only after an evaluation switched the plain module to eval mode: walking the modules every step would
+        # cost as much as a step of a head on embeddings. (Wrappers keep their own flag: ask the module.)
+        if not self.module.training:
+            self.model.train()
         with acc.accumulate(self.model):
             logits = self.model(images)
             # A batch whose samples were all skipped as corrupt (loader.skip_corrupt) still takes its
@@ -322,7 +321,8 @@ class Trainer:
             if acc.sync_gradients and self.cfg.train.clip_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
             self.optimizer.step()  # a no-op between accumulation boundaries
-            self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:  # what Accelerate's zero_grad does, without its inspect.signature per step
+                self.optimizer.optimizer.zero_grad(set_to_none=True)
         # Kept on the device: checking them here would be a CPU-GPU sync point every step.
         with torch.no_grad():
             predicted = (logits.reshape(-1) > 0).long() if self.num_classes == 2 else logits.argmax(1)
@@ -556,9 +556,13 @@ class Trainer:
         """One rank's seconds per sample of an evaluation forward pass (the better of two timed passes over
         a batch of random patches), with a quarter more for reading and gathering."""
         model = self.inference_model()
-        h, w, c = self.manifest.image_shape
-        n = self.cfg.loader.eval_batch_size
-        images = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        n, shape = self.cfg.loader.eval_batch_size, self.manifest.image_shape
+        generator = torch.Generator().manual_seed(0)
+        if self.manifest.embeddings:
+            images = torch.randn((n, *shape), generator=generator).half()
+        else:
+            h, w, c = shape
+            images = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=generator)
         images = images.to(self.device)
         best = math.inf
         for _ in range(2):
@@ -731,6 +735,39 @@ class Trainer:
         return self.test(run_log)
 
 
+def build_accelerator(cfg: ExperimentConfig):
+    """The Accelerator of a run (DDP, mixed precision, gradient accumulation, W&B), in deterministic mode if asked."""
+    import accelerate.optimizer
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    # Accelerate's optimizer wrapper asks importlib whether lomo_optim is installed twice per optimizer step: a
+    # search of sys.path, 1-2 ms per step on a busy machine (more than a step of a head on embeddings); the
+    # answer does not change while the process runs.
+    if not hasattr(accelerate.optimizer.is_lomo_available, "cache_info"):
+        accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+    t = cfg.train
+    if t.cpu_threads:
+        torch.set_num_threads(t.cpu_threads)
+    if t.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    use_cpu = t.cpu or not torch.cuda.is_available()
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=resolve_precision(t.mixed_precision, use_cpu),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.dist_timeout_s))],
+        # Our loaders are not `prepare`d, so accumulation syncs every k micro-batches, never on a
+        # dataloader end it cannot see; epochs are cut to multiples of k (Trainer).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=t.grad_accum_steps, sync_with_dataloader=False
+        ),
+        log_with="wandb" if cfg.tracking.wandb and cfg.tracking.mode != "disabled" else None,
+    )
+
+
 class _WorkerAugment:
     """Picklable transform for loader workers: augmentation on the CPU, per sample."""
 
@@ -747,18 +784,66 @@ class _WorkerAugment:
 def train(
     cfg: ExperimentConfig, run_dir: Path | None, config_path: str | None = None, fresh: bool = False
 ) -> dict[str, Any]:
-    """The whole run on this process's rank; returns the test results (complete on the main process).
+    """The whole run on this process's rank, or one run per seed of train.seeds (`train_seeds`); returns the test
+    results (complete on the main process)."""
+    from accelerate.utils import broadcast_object_list
+
+    acc = build_accelerator(cfg)
+    setup_logging(acc.process_index, acc.num_processes)
+    chosen = [str(run_dir or default_run_dir(config_path))]
+    broadcast_object_list(chosen)  # the main process's timestamp names the run on every rank
+    try:
+        if cfg.train.seeds:
+            return train_seeds(cfg, Path(chosen[0]), acc, fresh)
+        return _train_run(cfg, Path(chosen[0]), acc, fresh)
+    finally:
+        _end_training(acc)
+
+
+def train_seeds(cfg: ExperimentConfig, run_dir: Path, acc, fresh: bool = False) -> dict[str, Any]:
+    """One run per seed of train.seeds in RUN/seed-<seed>/ (the same config with train.seed=seed; each resumes on
+    its own; --fresh applies to each), then the mean and spread of their test metrics in RUN/seeds.json (main
+    process), returned."""
+    if acc.is_main_process:
+        where = dict(world_size=acc.num_processes, device_type=acc.device.type, mixed_precision=acc.mixed_precision)
+        write_run_files(run_dir, cfg, provenance(**where, manifest=Manifest.load(cfg.data.shards)))
+    results = {}
+    for seed in cfg.train.seeds:
+        one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, seeds=()))
+        results[seed] = _train_run(one, run_dir / f"seed-{seed}", acc, fresh)
+        _finish_trackers(acc)  # one W&B run per seed
+        acc.free_memory()  # the next run prepares its own model and optimizer
+    summary = summarize_seeds(results, cfg.data.test_split)
+    if acc.is_main_process:
+        write_atomic(run_dir / "seeds.json", json.dumps(summary, indent=2) + "\n")
+        log.info("%d seeds: %s", len(results), run_dir / "seeds.json")
+    return summary
+
+
+def summarize_seeds(results: dict[int, dict[str, Any]], split: str) -> dict[str, Any]:
+    """Mean, standard deviation (n - 1), min and max over seeds of every single-number test metric."""
+    per_seed = {seed: scalars(r) for seed, r in results.items()}
+    names = [k for k in next(iter(per_seed.values()), {}) if k != "skipped_samples"]
+    metrics = {}
+    for name in names:
+        values = torch.tensor([float(v[name]) for v in per_seed.values()], dtype=torch.float64)
+        std = float(values.std()) if len(values) > 1 else 0.0
+        metrics[name] = {
+            "mean": float(values.mean()),
+            "std": std,
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "values": values.tolist(),
+        }
+    return {"split": split, "seeds": list(results), "runs": [f"seed-{s}" for s in results], "metrics": metrics}
+
+
+def _train_run(cfg: ExperimentConfig, run_dir: Path, acc, fresh: bool = False) -> dict[str, Any]:
+    """One run in `run_dir` on this process's rank; returns the test results (complete on the main process).
 
     A start writes nothing into the run directory until every check has passed: the directory is free
     (the lock), no earlier run would be mixed with this one, and a resume accepts the config and the
     loader's position. A refused start leaves the directory as it was."""
-    from accelerate.utils import broadcast_object_list
-
-    acc = make_accelerator(cfg)
-    setup_logging(acc.process_index, acc.num_processes)
-    chosen = [str(run_dir or default_run_dir(config_path))]
-    broadcast_object_list(chosen)  # the main process's timestamp names the run on every rank
-    run_dir = Path(chosen[0])
     claim = RunDirClaim(run_dir)
 
     def decide() -> str | None:  # first, before data and model are built: a busy directory fails at once
@@ -788,7 +873,6 @@ def train(
         acc.wait_for_everyone()
         return _run(trainer, run_dir)
     finally:
-        _end_training(acc)
         claim.close()
 
 
@@ -900,6 +984,16 @@ def _restart(run_dir: Path, cfg: ExperimentConfig, held: str) -> None:
     log.warning("%s: no valid checkpoint to resume from; the run starts again from step 0", run_dir)
 
 
+def _finish_trackers(acc) -> None:
+    """Close this run's W&B run, keeping the process group (another run follows on the same Accelerator)."""
+    try:
+        for tracker in acc.trackers:
+            tracker.finish()
+    except Exception as e:  # noqa: BLE001 - a dead tracker must not stop the next run
+        log.warning("closing the trackers failed (%s: %s)", type(e).__name__, e)
+    acc.trackers = []
+
+
 def _end_training(acc) -> None:
     """Close W&B and destroy the process group (without it the processes abort at exit), even when
     the W&B service is already gone."""
@@ -957,7 +1051,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     Manifest.load(cfg.data.shards)  # a missing dataset is named before processes spin up
     try:
-        train(cfg, Path(args.run_dir) if args.run_dir else None, args.config, fresh=args.fresh)
+        results = train(cfg, Path(args.run_dir) if args.run_dir else None, args.config, fresh=args.fresh)
     except Preempted:
         return EXIT_PREEMPTED
+    if cfg.train.seeds and results.get("metrics"):  # the main process: it alone has the metrics
+        print_seeds(results)
     return 0
+
+
+def print_seeds(summary: dict[str, Any]) -> None:
+    metrics = summary["metrics"]
+    print(f"{summary['split']} split over {len(summary['seeds'])} seeds {summary['seeds']}: mean ± std [min, max]")
+    for name in ("balanced_accuracy", "auroc", "accuracy", "f1", "nll"):
+        if name in metrics:
+            m = metrics[name]
+            print(f"  {name:<18} {m['mean']:.4f} ± {m['std']:.4f} [{m['min']:.4f}, {m['max']:.4f}]")

@@ -2,9 +2,10 @@
 
 Re-reads every shard of the chosen splits: the file is there with the manifest's size and sha256,
 the tar reads to the end, every sample has a label in range and an image of the manifest's shape
-that decodes, keys are unique and of the shard's split, and sample and class counts match; tar
-files the manifest does not list are reported too (shards of another conversion mixed in). Every
-problem is reported with its shard and key, and the command exits non-zero when there is any.
+that decodes (embeddings: a finite float16 vector of the manifest's size), keys are unique and of
+the shard's split, and sample and class counts match; tar files the manifest does not list are
+reported too (shards of another conversion mixed in). Every problem is reported with its shard
+and key, and the command exits non-zero when there is any.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ def verify_shard(
     path: Path,
     info: ShardInfo,
     codec: str,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     num_classes: int,
     decode: bool = True,
     split: str | None = None,
+    dtype: str = "uint8",
 ) -> ShardReport:
     """Check one shard (of `split`, when given); never raises for bad data, returns its problems instead."""
     from histo_dist.shards import ShardError, decode_sample, iter_raw_samples
@@ -56,7 +58,7 @@ def verify_shard(
             report.keys.append(sample.key)
             try:
                 if decode:
-                    _, label = decode_sample(sample, str(path), codec, shape, num_classes)
+                    _, label = decode_sample(sample, str(path), codec, shape, num_classes, dtype)
                 else:
                     label = int(sample.members["cls"])
                     if not 0 <= label < num_classes:  # -1 would silently count as the last class
@@ -100,13 +102,14 @@ def verify_dataset(
                 [sh for _, sh in jobs],
                 *[[a] * len(jobs) for a in args],
                 [name for name, _ in jobs],
+                [manifest.dtype] * len(jobs),
             ):
                 reports.append(report)
                 bar.update(len(report.keys))
     else:
         reports = []
         for name, sh in jobs:
-            reports.append(verify_shard(manifest.root / sh.name, sh, *args, name))
+            reports.append(verify_shard(manifest.root / sh.name, sh, *args, name, manifest.dtype))
             bar.update(len(reports[-1].keys))
     bar.close()
     seen: dict[str, str] = {}

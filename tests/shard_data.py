@@ -93,3 +93,34 @@ def member_offset(path: Path, name: str) -> tuple[int, int]:
     with tarfile.open(path) as tar:
         m = tar.getmember(name)
         return m.offset_data, m.size
+
+
+def embedding_of(index: int, dim: int = 16) -> np.ndarray:
+    """A float16 vector whose first values carry the label (a linear probe learns it) and the index."""
+    rng = np.random.default_rng(index)
+    vector = rng.normal(0, 1, dim)
+    vector[0] += 2.0 * label_of(index) - 1.0
+    vector[-1] = index / 1000
+    return vector.astype(np.float16)
+
+
+def make_embedding_dataset(root: Path, sizes: dict[str, list[int]], dim: int = 16) -> Manifest:
+    """Embedding shards (float16 vectors of `dim`, no .json) in the manifest contract `histo-dist embed` writes."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, shard_sizes in sizes.items():
+        infos, start = [], 0
+        for i, n in enumerate(shard_sizes):
+            idx = range(start, start + n)
+            keys = [sample_key(split, j) for j in idx]
+            vectors = np.stack([embedding_of(j, dim) for j in idx])
+            infos.append(
+                write_shard(root / shard_name(split, i), keys, vectors, [label_of(j) for j in idx], None, "npy", 2)
+            )
+            start += n
+        counts = tuple(int(sum(s.class_counts[c] for s in infos)) for c in range(2))
+        splits[split] = SplitInfo(start, counts, False, tuple(infos))
+    Manifest(
+        "npy", (dim,), ("negative", "positive"), splits, {"format": "test"}, 0, 0, "test", root=root, dtype="float16"
+    ).save(root)
+    return Manifest.load(root)

@@ -16,9 +16,11 @@ from histo_dist.models import (
     MODEL_NAMES,
     ModelConfig,
     ModelError,
+    architecture,
     build_model,
     hub_weights_path,
     num_outputs,
+    stage_parameters,
 )
 
 
@@ -44,7 +46,7 @@ def hub_dir(tmp_path, monkeypatch):
 
 
 def backbone_state(model) -> dict[str, torch.Tensor]:
-    head = ARCHITECTURES[model.arch_name].head + "."
+    head = model.head_path + "."
     return {k: v.clone() for k, v in model.net.state_dict().items() if not k.startswith(head)}
 
 
@@ -67,16 +69,21 @@ def test_num_outputs():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_gives_its_logits_and_stages_split_its_backbone(name):
-    x = torch.randn(2, 3, 96, 96)
+    shape = (48,) if ARCHITECTURES[name].inputs == "embeddings" else (96, 96, 3)
+    x = torch.randn(2, 48) if len(shape) == 1 else torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        assert build_model(ModelConfig(name=name, dropout=0.2), 2)(x).shape == (2, 1)
-        model = build_model(ModelConfig(name=name), 5)
+        assert build_model(ModelConfig(name=name, dropout=0.2), 2, shape)(x).shape == (2, 1)
+        model = build_model(ModelConfig(name=name), 5, shape)
         assert model(x).shape == (2, 5)
-    # Every backbone parameter is in exactly one stage, so freezing the last stage freezes the whole backbone.
+    assert_stages_split_the_backbone(model, ModelConfig(name=name))
+
+
+def assert_stages_split_the_backbone(model, cfg: ModelConfig) -> None:
+    """Every backbone parameter is in exactly one stage, so freezing the last stage freezes the whole backbone."""
     owners: dict[int, list[str]] = {}
-    for stage, paths in ARCHITECTURES[name].stages_of(ModelConfig(name=name)).items():
+    for stage, paths in architecture(cfg.name).stages_of(cfg).items():
         for path in paths:
-            for p in model.net.get_submodule(path).parameters():
+            for p in stage_parameters(model.net, path):
                 owners.setdefault(id(p), []).append(stage)
     assert all(len(stages) == 1 for stages in owners.values()), owners
     assert set(owners) == {id(p) for p in model.backbone_parameters()}

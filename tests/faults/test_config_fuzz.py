@@ -81,6 +81,16 @@ def wrong_type(tp) -> st.SearchStrategy:
         args = typing.get_args(tp)
         numbers = st.nothing() if float in args else st.one_of(st.integers(), st.floats())
         return st.one_of(numbers, st.booleans(), containers, st.nothing() if type(None) in args else st.none())
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[-1] is Ellipsis:  # tuple[int, ...], any length
+        return st.one_of(
+            st.text(),
+            st.floats(),
+            st.none(),
+            st.lists(st.floats(allow_nan=False), min_size=1, max_size=5),
+            st.lists(st.text(min_size=1), min_size=1, max_size=3),
+        )
+    if typing.get_origin(tp) is dict:  # model.kwargs: any mapping is a type match
+        return st.one_of(st.text(), st.integers(), st.floats(), st.booleans(), st.none(), st.lists(plain, max_size=3))
     if typing.get_origin(tp) is tuple:  # tuple[float, ...] of a fixed length
         n = len(typing.get_args(tp))
         return st.one_of(
