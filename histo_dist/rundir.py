@@ -42,6 +42,8 @@ HEARTBEAT_S = 30.0
 """How often the holder touches its lock file."""
 LEASE_S = 300.0
 """A lock held from another host is stale after this long without a heartbeat."""
+BREAK_LEASE_S = 60.0
+"""A `.run.lock.break` file (one start at a time removes a stale lock) older than this was left by a dead start."""
 
 
 class RunDirError(HistoDistError):
@@ -216,7 +218,7 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock, taking over a stale one; a live holder is a `RunDirError` naming it."""
-        for _ in range(5):  # a few rounds: other starts may be taking over the same stale lock
+        for _ in range(20):  # some rounds: other starts may be taking over the same stale lock
             if self._create():
                 self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
                 self._thread.start()
@@ -243,12 +245,15 @@ class RunLock:
         if holder is not None and holder.get("token") == self.me["token"]:
             self.path.unlink(missing_ok=True)
 
-    def _create(self) -> bool:
-        tmp = partial_name(self.path)
+    def _create(self, path: Path | None = None) -> bool:
+        """Create `path` (the lock) holding our record, only if it does not exist: os.link, atomic on NFS and
+        Lustre too. False when it exists."""
+        path = path or self.path
+        tmp = partial_name(path)
         try:
             tmp.write_text(json.dumps(self.me) + "\n")
             try:
-                os.link(tmp, self.path)
+                os.link(tmp, path)
             except FileExistsError:
                 # NFS: a retried link whose first attempt succeeded reports EEXIST; the link count tells.
                 return os.stat(tmp).st_nlink == 2
@@ -294,21 +299,26 @@ class RunLock:
         return f"no heartbeat for {quiet:.0f} s (lease {LEASE_S:.0f} s)" if quiet > LEASE_S else None
 
     def _break(self, holder: dict[str, Any]) -> None:
-        """Remove the stale lock `holder` described, never a newer one another start took meanwhile:
-        move whatever is there aside, and put it back if it is not the stale one."""
-        aside = self.path.with_name(f".{LOCK_NAME}.{uuid.uuid4().hex[:12]}.stale")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
+        """Remove the stale lock `holder` described, never a newer one another start took meanwhile. One start
+        at a time breaks: it holds `.run.lock.break` (created like the lock), and removes the lock only if
+        it still holds the stale holder's token; no other start can replace the lock while it exists. (Moving
+        the lock aside instead lets a start's fresh lock be moved, and another start take the empty name: two
+        winners.) A break file older than BREAK_LEASE_S, whose start died while breaking, is removed."""
+        guard = self.path.with_name(f".{LOCK_NAME}.break")
+        if not self._create(guard):
+            try:
+                if time.time() - guard.stat().st_mtime > BREAK_LEASE_S:
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)  # another start is breaking it: look again
             return
         try:
-            moved = self._read(aside) or {}
-            if moved.get("token") != holder.get("token"):
-                os.link(aside, self.path)
-        except (OSError, RunDirError):  # put back already, by another start's lock: nothing to restore
-            pass
+            current = self._read()
+            if current is not None and current.get("token") == holder.get("token"):
+                self.path.unlink(missing_ok=True)
         finally:
-            aside.unlink(missing_ok=True)
+            guard.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

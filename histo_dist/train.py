@@ -805,6 +805,7 @@ def train_seeds(cfg: ExperimentConfig, run_dir: Path, acc, fresh: bool = False) 
     its own; --fresh applies to each), then the mean and spread of their test metrics in RUN/seeds.json (main
     process), returned."""
     if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
         where = dict(world_size=acc.num_processes, device_type=acc.device.type, mixed_precision=acc.mixed_precision)
         write_run_files(run_dir, cfg, provenance(**where, manifest=Manifest.load(cfg.data.shards)))
     results = {}

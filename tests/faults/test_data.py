@@ -255,7 +255,7 @@ MISMATCH = {
     ),
     "shard of a conversion with another image size": (  # undecodable as this dataset: skipped if asked to
         lambda r: shard_of(r, "valid-000001.tar", "valid", range(32, 64), shape=(16, 16, 3)),
-        r"valid-000001.tar: sample 'valid_000000032': cannot decode \(image is uint8 \(16, 16, 3\)",
+        r"valid-000001.tar: sample 'valid_000000032': cannot decode \(array is uint8 \(16, 16, 3\)",
         False,
         r"valid-000001.tar: sample 'valid_000000032': cannot decode",
     ),
