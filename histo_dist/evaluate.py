@@ -132,13 +132,15 @@ def evaluate(cfg: EvalConfig, accelerator=None) -> dict[str, Any]:
             info=info,
             show_progress=cfg.progress,
         )
+        # The last collective is evaluate_split's gather. The main process alone then bootstraps, writes the CSV
+        # and plots (a minute on a large split): no rank waits for it in a barrier that a collective timeout
+        # (NCCL's 10 minutes) could break.
         if acc.is_main_process:
             run_dir = Path(cfg.checkpoint).resolve().parent.parent
             images = write_evaluation(
                 Path(cfg.output), results, predictions, plots=cfg.plots, metrics_jsonl=run_dir / "metrics.jsonl"
             )
             _log_wandb(cfg, results, images)
-        acc.wait_for_everyone()
         return results
     finally:
         if own:
