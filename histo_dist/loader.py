@@ -497,6 +497,21 @@ class _StepPosition:
     def _order(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _set_geometry(self, cfg: LoaderConfig, *, training: bool, accumulation: int, world_size: int) -> None:
+        """Batch sizes and (training) the steps per epoch of `self.num_samples`; raises if not one step fits."""
+        self.batch_size = cfg.batch_size if training else cfg.eval_batch_size
+        self.accumulation = accumulation if training else 1
+        self.global_batch = self.batch_size * self.accumulation * world_size
+        self.epoch, self.batch = 0, 0
+        if training:
+            self.steps = steps_per_epoch(self.num_samples, self.global_batch)
+            if self.steps == 0:
+                raise HistoDistError(
+                    f"split {self.split!r} has {self.num_samples} samples: too few for a global batch of "
+                    f"{self.global_batch} ({world_size} rank(s) x batch_size {self.batch_size} x {self.accumulation} "
+                    f"accumulation steps); lower loader.batch_size"
+                )
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.batch = epoch, 0
@@ -560,9 +575,6 @@ class ShardLoader(_StepPosition):
         info = manifest.split(split)
         self.split, self.rank, self.world_size, self.seed, self.training = split, rank, world_size, seed, training
         self.cfg = cfg
-        self.batch_size = cfg.batch_size if training else cfg.eval_batch_size
-        self.accumulation = accumulation if training else 1
-        self.global_batch = self.batch_size * self.accumulation * world_size
         self.shuffle_buffer = cfg.shuffle_buffer
         self.transform = transform
         self.pin_memory = cfg.pin_memory and device_type == "cuda"
@@ -573,19 +585,11 @@ class ShardLoader(_StepPosition):
         self.codec, self.shape, self.num_classes = manifest.codec, tuple(manifest.image_shape), manifest.num_classes
         self.dtype = manifest.dtype
         self.num_samples = info.num_samples
-        if training:
-            self.steps = steps_per_epoch(self.num_samples, self.global_batch)
-            if self.steps == 0:
-                raise HistoDistError(
-                    f"split {split!r} has {self.num_samples} samples: too few for a global batch of "
-                    f"{self.global_batch} ({world_size} rank(s) x batch_size {self.batch_size} x {self.accumulation} "
-                    f"accumulation steps); lower loader.batch_size"
-                )
-        elif self.num_samples < world_size:
+        self._set_geometry(cfg, training=training, accumulation=accumulation, world_size=world_size)
+        if not training and self.num_samples < world_size:
             raise HistoDistError(f"split {split!r} has {self.num_samples} samples, fewer than {world_size} ranks")
         # Never more workers than batches (a worker without work would only cost a process).
         self.num_workers = min(cfg.num_workers, len(self) if training else self.num_samples)
-        self.epoch, self.batch = 0, 0
 
     # -- sizes -----------------------------------------------------------------------------------
     def _plans(self) -> list[WorkerPlan]:
@@ -680,9 +684,6 @@ class MemoryLoader(_StepPosition):
             raise ValueError("MemoryLoader takes no transform: embeddings are not augmented")
         self.split, self.rank, self.world_size, self.seed, self.training = split, rank, world_size, seed, training
         self.cfg = cfg
-        self.batch_size = cfg.batch_size if training else cfg.eval_batch_size
-        self.accumulation = accumulation if training else 1
-        self.global_batch = self.batch_size * self.accumulation * world_size
         reader = ShardLoader(
             manifest,
             split,
@@ -697,16 +698,8 @@ class MemoryLoader(_StepPosition):
         self.labels = torch.cat([b["label"] for b in parts]) if parts else torch.empty(0, dtype=torch.long)
         self.keys = np.array([k for b in parts for k in b["key"]])  # gathered per batch in one call
         self.num_samples = len(self.keys)
-        if training:
-            self.steps = steps_per_epoch(self.num_samples, self.global_batch)
-            if self.steps == 0:
-                raise HistoDistError(
-                    f"split {split!r} has {self.num_samples} samples: too few for a global batch of "
-                    f"{self.global_batch} ({world_size} rank(s) x batch_size {self.batch_size} x {self.accumulation} "
-                    f"accumulation steps); lower loader.batch_size"
-                )
+        self._set_geometry(cfg, training=training, accumulation=accumulation, world_size=world_size)
         self.num_workers = 0
-        self.epoch, self.batch = 0, 0
 
     def __len__(self) -> int:
         """Batches this rank yields in a full epoch (training: micro-batches, `accumulation` per step)."""
