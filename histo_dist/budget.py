@@ -1,7 +1,7 @@
 """Time budgets: fit a run's length to the wall-clock time it is given (`train.time_budget`).
 
-A run with a budget measures its own speed while it warms up, then plans once how many optimizer
-steps fit, and keeps that plan:
+A run with a budget measures its own speed while it warms up, plans how many optimizer steps fit,
+corrects that plan once from its steady speed, and keeps it:
 
 1. During the learning-rate warmup (`schedule.warmup_steps`, at least `MIN_CALIBRATION_STEPS`) it
    trains as usual; the warmup's learning rates do not depend on the run's length.
@@ -9,8 +9,14 @@ steps fit, and keeps that plan:
    start-up, first windows and kernel selection are not throughput) and one evaluation forward
    pass, and plans: the steps that fit in what is left of the budget once the validations, the
    final test (with TTA if asked) and a safety margin are paid for. Every rank gets the same plan.
-3. The plan goes into every checkpoint (and `RUN/plan.json`): a resumed run keeps it, so it ends
-   at the same step, with the same schedule, as the uninterrupted run would have.
+3. Warmup steps are slower than later ones (loader queues filling, allocator and kernel caches
+   warming): on two CPU cores a plan from them alone left a tenth of a 5-minute budget unused. So
+   a run long enough re-plans once, at `replan_step` (REPLAN_FACTOR times the warmup), from the
+   steps since the first plan, validations and checkpoints left out. The schedule's length changes
+   then, a little (the cosine's learning rate moves by a few percent); the re-plan is `final`.
+4. The plan goes into every checkpoint (and `RUN/plan.json`): a run resumed after the final plan
+   keeps it, so it ends at the same step, with the same schedule, as the uninterrupted run would
+   have. One resumed before it re-plans at the same step, from its own timing.
 
 The budget counts from the start of the training process (`process_age`), so the Python and
 torch imports are in it, as they are in the wall clock of the command.
@@ -28,6 +34,8 @@ from typing import Any
 from histo_dist.errors import HistoDistError
 
 MIN_CALIBRATION_STEPS = 10
+REPLAN_FACTOR = 4
+"""The final plan is made at this many times the warmup's steps (when that is before the run's half)."""
 SAFETY_FRACTION = 0.03
 """Of the budget, kept back for what the plan cannot see: noise in step times, process exit."""
 FIXED_RESERVE_S = 6.0
@@ -93,6 +101,9 @@ class Plan:
     validation_s: float
     test_s: float
     reserve_s: float
+    final: bool = True
+    """False for the first plan of a run that re-plans at `replan_at_step`."""
+    replan_at_step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,8 +120,9 @@ class Plan:
                 "stopping here (give a larger train.time_budget or fewer schedule.warmup_steps)"
             )
         train_s = (self.total_steps - self.planned_at_step) * self.step_s
+        then = f" (for now: re-planned at step {self.replan_at_step} from the steady speed)" if not self.final else ""
         return (
-            f"time budget {self.budget_s:.0f} s: {self.total_steps} optimizer steps "
+            f"time budget {self.budget_s:.0f} s: {self.total_steps} optimizer steps{then} "
             f"({self.elapsed_s:.0f} s spent at step {self.planned_at_step}; {train_s:.0f} s of training at "
             f"{self.step_s:.3f} s/step, {self.validations} validation(s) x {self.validation_s:.1f} s, "
             f"test {self.test_s:.1f} s, {self.reserve_s:.0f} s reserve)"
@@ -157,3 +169,10 @@ def make_plan(
     return Plan(
         budget_s, step, total, elapsed_s, step_s, eval_s_per_sample, validations(total), validation_s, test_s, reserve_s
     )
+
+
+def replan_step(plan: Plan, warmup_steps: int) -> int:
+    """The step at which a run re-plans from its steady speed (REPLAN_FACTOR x the warmup), or 0 when that
+    would not come before the middle of what the plan has left: too late to change much."""
+    at = max(REPLAN_FACTOR * max(warmup_steps, MIN_CALIBRATION_STEPS), plan.planned_at_step + MIN_CALIBRATION_STEPS)
+    return at if at <= plan.planned_at_step + (plan.total_steps - plan.planned_at_step) // 2 else 0

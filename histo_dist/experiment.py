@@ -113,6 +113,11 @@ class TrainConfig:
     """Threads of torch's CPU operations in each training process (0: torch's default, one per core). Heads on
     embeddings train fastest with 1: their steps are too small to share out, and threads waiting on each other
     cost more than they save (20x more on a busy 2-core machine, docs/benchmarks.md)."""
+    cpu_keep_freed_memory: bool = True
+    """CPU runs on glibc (Linux): malloc keeps the memory PyTorch frees for the next step instead of handing it
+    back to the kernel. A step frees and reallocates multi-MB activations, and every page taken back from the
+    kernel costs a page fault: keeping them made training on 2 cores about 1.7x faster (docs/benchmarks.md).
+    The process's memory then stays near its peak until it exits. Elsewhere (GPUs, other C libraries) no effect."""
     eval_every_steps: int = 0
     """Validate every N optimizer steps (0: at the end of every epoch)."""
     best_metric: str = "auroc"
@@ -214,6 +219,7 @@ RESUMABLE = (
     "checkpoint.",
     "train.eval_every_steps",
     "train.dist_timeout_s",
+    "train.cpu_keep_freed_memory",
     "train.grad_accum_steps",
     "loader.batch_size",
     "loader.eval_batch_size",

@@ -34,7 +34,7 @@ import torch
 
 from histo_dist import budget
 from histo_dist.augment import AugmentConfig, augment, eval_transform
-from histo_dist.budget import Plan, make_plan, parse_duration
+from histo_dist.budget import Plan, make_plan, parse_duration, replan_step
 from histo_dist.checkpoint import Checkpointer, model_weights, read_training_checkpoint
 from histo_dist.config import to_dict
 from histo_dist.ema import EMA, broadcast_buffers
@@ -211,6 +211,7 @@ class Trainer:
         self._pending_keys: list[tuple[int, int, list[str]]] = []  # (epoch, step, keys) for tracking.log_samples
         self.preemption = PreemptionFlag()
         self._timing: tuple[int, float] | None = None  # (step, time) where the budget's step timing starts
+        self._paused_s = 0.0  # seconds since then spent validating and checkpointing (not in a step's time)
         self._resumed_at = 0
 
     def build_train_loader(self, accumulation: int) -> None:
@@ -497,43 +498,61 @@ class Trainer:
 
     # -- time budget -------------------------------------------------------------------------------
     def follow_budget(self, run_log: RunLog, bar) -> None:
-        """(train.time_budget) Time the warmup's steps; at its end, plan the run's length (every rank calls
-        this after every optimizer step until the plan is made; all get rank 0's plan)."""
+        """(train.time_budget) Time the warmup's steps; at its end, plan the run's length; at the plan's
+        `replan_at_step`, plan it again from the steps since (budget.py). Every rank calls this after every
+        optimizer step until the plan is final; all get rank 0's plan."""
+        warmup = self.cfg.schedule.warmup_steps
+        if self.plan is None:
+            if self._timing is None:  # the first quarter of the warmup is start-up, not throughput
+                if self.step >= min(max(warmup // 4, self._resumed_at + 1), warmup - 1) or self.step == warmup:
+                    self._timing = (self.step, self._synchronized_now())
+                    self._paused_s = 0.0
+                return
+            if self.step >= warmup:
+                self.plan_run(run_log, bar, eval_s_per_sample=None)
+            return
+        if self._timing is None:  # resumed between the first plan and the re-plan: time from here
+            self._timing, self._paused_s = (self.step, self._synchronized_now()), 0.0
+        if self.step == self.plan.replan_at_step:
+            self.plan_run(run_log, bar, eval_s_per_sample=self.plan.eval_s_per_sample)
+
+    def plan_run(self, run_log: RunLog, bar, eval_s_per_sample: float | None) -> None:
+        """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
+        every rank that plan; a first plan (`eval_s_per_sample` None: measured here) may be re-made later."""
         from accelerate.utils import broadcast_object_list
 
-        warmup = self.cfg.schedule.warmup_steps
-        if self._timing is None:  # the first quarter of the warmup is start-up, not throughput
-            if self.step >= min(max(warmup // 4, self._resumed_at + 1), warmup - 1) or self.step == warmup:
-                self._timing = (self.step, self._synchronized_now())
-            return
-        if self.step < warmup:
-            return
         start_step, start = self._timing
         plan = [None]
         if self.accelerator.is_main_process:
-            step_s = (self._synchronized_now() - start) / max(1, self.step - start_step)
+            steps = self.step - start_step
+            step_s = (self._synchronized_now() - start - self._paused_s) / max(1, steps)
+            if self.plan is not None and steps < budget.MIN_CALIBRATION_STEPS:
+                step_s = self.plan.step_s  # too few steps timed since a resume: keep the first plan's speed
             v, test = self.cfg.data.valid_split, self.cfg.data.test_split
             valid_samples = self.manifest.split(v).num_samples // self.world_size if v else 0
             test_samples = (self.manifest.split(test).num_samples // self.world_size if test else 0) + (
                 valid_samples if test and self.cfg.test.threshold_method else 0
             )
-            plan = [
-                make_plan(
-                    budget_s=self.budget_s,
-                    step=self.step,
-                    elapsed_s=budget.process_age(),
-                    step_s=step_s,
-                    eval_s_per_sample=self._eval_seconds_per_sample(),
-                    steps_per_epoch=self.steps_per_epoch,
-                    eval_every_steps=self.cfg.train.eval_every_steps,
-                    valid_samples=valid_samples,
-                    test_samples=test_samples,
-                    test_views=8 if self.cfg.test.tta else 1,
-                    max_steps=self.cfg.train.max_steps,
-                ).to_dict()
-            ]
+            new = make_plan(
+                budget_s=self.budget_s,
+                step=self.step,
+                elapsed_s=budget.process_age(),
+                step_s=step_s,
+                eval_s_per_sample=eval_s_per_sample or self._eval_seconds_per_sample(),
+                steps_per_epoch=self.steps_per_epoch,
+                eval_every_steps=self.cfg.train.eval_every_steps,
+                valid_samples=valid_samples,
+                test_samples=test_samples,
+                test_views=8 if self.cfg.test.tta else 1,
+                max_steps=self.cfg.train.max_steps,
+            )
+            if self.plan is None:
+                new.replan_at_step = replan_step(new, self.cfg.schedule.warmup_steps)
+                new.final = not new.replan_at_step
+            plan = [new.to_dict()]
         broadcast_object_list(plan)  # every rank takes the same number of steps
         self.set_plan(Plan.from_dict(plan[0]))
+        self._timing, self._paused_s = (None if self.plan.final else (self.step, self._synchronized_now())), 0.0
         bar.total = self.total_steps
         bar.refresh()
         if self.accelerator.is_main_process:
@@ -698,7 +717,7 @@ class Trainer:
                     break
                 if not self.train_step(batch):
                     continue
-                if self.budget_s and self.plan is None:
+                if self.budget_s and not (self.plan and self.plan.final):
                     self.follow_budget(run_log, bar)
                 self.log_progress(run_log, bar, epoch)
                 end_of_epoch = self.train_loader.batch >= self.micro_per_epoch
@@ -706,12 +725,16 @@ class Trainer:
                     self.train_loader.set_epoch(epoch + 1)  # the saved position is the next epoch's start
                 last_step = self.step >= self.total_steps
                 validated = self.validator.due(self.step, end_of_epoch=end_of_epoch, last_step=last_step)
-                is_best = validated and self.validate(run_log, epoch)
                 saved = self.checkpointer.due(
                     self.step, end_of_epoch=end_of_epoch, validated=validated, last_step=last_step
                 )
+                timing = self._timing is not None and (validated or saved)  # not training time: left out
+                paused_at = self._synchronized_now() if timing else 0.0
+                is_best = validated and self.validate(run_log, epoch)
                 if saved:
                     self.save_checkpoint(is_best)
+                if timing:
+                    self._paused_s += self._synchronized_now() - paused_at
                 # Only after this step's validation and checkpoint: a run preempted between a step and
                 # its validation would resume past that validation, and could pick another best checkpoint.
                 # With several ranks, agreeing on it is a collective (a GPU sync point), so it is asked at
@@ -735,6 +758,23 @@ class Trainer:
         return self.test(run_log)
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory in the process (train.cpu_keep_freed_memory): no mmap for large
+    blocks (an munmap'd block comes back as fresh pages, a page fault each), no trimming of the heap's top, and
+    512 MiB of headroom per heap extension. What MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... do, set from here
+    so that every launcher gets it; loader workers forked later inherit it. False where there is no glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from glibc's malloc.h
+    settings = ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 512 << 20))
+    return all([mallopt(param, value) == 1 for param, value in settings])
+
+
 def build_accelerator(cfg: ExperimentConfig):
     """The Accelerator of a run (DDP, mixed precision, gradient accumulation, W&B), in deterministic mode if asked."""
     import accelerate.optimizer
@@ -749,12 +789,14 @@ def build_accelerator(cfg: ExperimentConfig):
     t = cfg.train
     if t.cpu_threads:
         torch.set_num_threads(t.cpu_threads)
+    use_cpu = t.cpu or not torch.cuda.is_available()
+    if use_cpu and t.cpu_keep_freed_memory and keep_freed_memory():
+        log.info("train.cpu_keep_freed_memory: malloc keeps freed memory for reuse (no mmap, no trimming)")
     if t.deterministic:
         # cuBLAS is deterministic only with a fixed workspace, set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    use_cpu = t.cpu or not torch.cuda.is_available()
     return Accelerator(
         cpu=use_cpu,
         mixed_precision=resolve_precision(t.mixed_precision, use_cpu),

@@ -1,5 +1,5 @@
-"""Time budgets: the plan is the most steps that fit, a run keeps its plan across a resume (bitwise),
-and every rank follows rank 0's plan."""
+"""Time budgets: the plan is the most steps that fit, re-made once from the steady speed, a run keeps its
+final plan across a resume (bitwise), and every rank follows rank 0's plan."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pytest
 
 import histo_dist.budget as budget
-from histo_dist.budget import BudgetError, make_plan, parse_duration
+from histo_dist.budget import BudgetError, Plan, make_plan, parse_duration, replan_step
 from tests.runs import ROOT, final_state, make_train_shards, records, run, train_cmd
 
 PLAN = dict(
@@ -80,6 +80,19 @@ def test_a_spent_budget_ends_the_run_at_the_plan_and_says_so():
     assert make_plan(**{**PLAN, "max_steps": 50}).total_steps == 50
 
 
+def test_a_run_re_plans_at_four_warmups_unless_that_is_past_the_middle_of_its_plan():
+    plan = make_plan(**PLAN)  # at step 20, about 900 steps
+    assert plan.total_steps > 400
+    assert replan_step(plan, warmup_steps=20) == 80
+    assert replan_step(plan, warmup_steps=2) == 40  # timed over at least 10 steps, the first 10 of them at least
+    late = (plan.total_steps - 20) // 2 + 20
+    assert replan_step(plan, warmup_steps=late // 4) == late // 4 * 4
+    assert replan_step(plan, warmup_steps=late // 4 + 1) == 0  # after the middle: the first plan is final
+    first = Plan.from_dict({**plan.to_dict(), "final": False, "replan_at_step": 80})
+    assert "re-planned at step 80" in first.describe()
+    assert Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("final", "replan_at_step")}).final
+
+
 # ---------------------------------------------------------------------------------------------
 # A budgeted run, in-process with a fake clock (the plan is then the same every time)
 
@@ -120,22 +133,27 @@ def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
     from histo_dist.preemption import Preempted
     from histo_dist.train import Trainer, train
 
-    def config():
-        return load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE])
+    def config():  # long enough to re-plan (at 4 x 10 steps, before the middle)
+        return load_experiment(
+            ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, "train.time_budget=100s"]
+        )
 
     reference = tmp_path / "reference"
     train(config(), reference)
     plan = json.loads((reference / "plan.json").read_text())
-    (logged,) = records(reference, "plan")
-    assert logged["total_steps"] == plan["total_steps"] and plan["planned_at_step"] == 10
+    first, logged = records(reference, "plan")  # at the end of the warmup, then the final one at 4 x 10 steps
+    assert (first["planned_at_step"], first["final"], first["replan_at_step"]) == (10, False, 40)
+    assert {k: logged[k] for k in plan} == plan and logged["step"] == 40
+    assert (plan["planned_at_step"], plan["final"]) == (40, True)
+    assert plan["step_s"] != first["step_s"]  # timed again, over the steps since the first plan
     total = plan["total_steps"]
-    assert 20 < total < 10_000 and final_state(reference)["step"] == total  # it ran to the planned step, not 3 epochs
+    assert 80 < total < 10_000 and final_state(reference)["step"] == total  # it ran to the planned step, not 3 epochs
     assert final_state(reference)["plan"] == plan
     lrs = [r["lr"] for r in records(reference, "train")]
     assert lrs[-1] < 0.05 * max(lrs)  # the cosine ends at the planned step
 
-    # Preempted after the plan; the resumed run (whose clock would give another plan) keeps it.
-    stop_at = 10 + (total - 10) // 2
+    # Preempted after the final plan; the resumed run (whose clock would give another plan) keeps it.
+    stop_at = 40 + (total - 40) // 2
     real = Trainer.preempted
     monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == stop_at or real(self))
     run_dir = tmp_path / "run"
@@ -148,6 +166,28 @@ def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
     assert a["step"] == b["step"] == total
     for key in a["model"]:
         assert a["model"][key].equal(b["model"][key]), key
+
+
+@pytest.mark.slow
+def test_a_run_resumed_before_its_final_plan_re_plans_at_the_same_step(
+    shards, tmp_path, monkeypatch, fake_clock, keep_signal_handlers
+):
+    from histo_dist.experiment import load_experiment
+    from histo_dist.preemption import Preempted
+    from histo_dist.train import Trainer, train
+
+    config = load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, "train.time_budget=100s"])
+    real = Trainer.preempted
+    monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == 20 or real(self))
+    run_dir = tmp_path / "run"
+    with pytest.raises(Preempted):
+        train(config, run_dir)
+    assert not final_state(run_dir)["plan"]["final"]
+    monkeypatch.setattr(Trainer, "preempted", real)
+    train(config, run_dir)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert (plan["planned_at_step"], plan["final"]) == (40, True)
+    assert final_state(run_dir)["step"] == plan["total_steps"] and final_state(run_dir)["plan"] == plan
 
 
 @pytest.mark.slow

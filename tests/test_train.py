@@ -324,3 +324,36 @@ def test_mixed_precision_auto_is_bf16_only_where_it_is_native(monkeypatch, caplo
         flags = f.read()
     monkeypatch.undo()
     assert t.cpu_has_native_bf16() == (" avx512_bf16" in flags or " amx_bf16" in flags)
+
+
+FREE_64_MIB = """
+import sys, torch
+from histo_dist.experiment import load_experiment
+from histo_dist.train import build_accelerator
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+build_accelerator(load_experiment(None, sys.argv[1:]))
+x = torch.ones(64 << 20, dtype=torch.uint8)
+before = resident()
+del x
+print((before - resident()) >> 20)
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_cpu_runs_keep_freed_memory_for_the_next_step_unless_told_not_to():
+    """With train.cpu_keep_freed_memory (the default) a freed 64 MiB activation stays in the process, ready for
+    the next step; without it glibc hands it back to the kernel at once (and the next step faults it in again)."""
+
+    def mib_returned(*overrides: str) -> int:
+        out = subprocess.run([sys.executable, "-c", FREE_64_MIB, "train.cpu=true", *overrides], capture_output=True)
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        return int(out.stdout.decode().split()[-1])
+
+    assert mib_returned() < 8
+    assert mib_returned("train.cpu_keep_freed_memory=false") > 56
