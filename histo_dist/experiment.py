@@ -116,7 +116,7 @@ class TrainConfig:
     cpu_keep_freed_memory: bool = True
     """CPU runs on glibc (Linux): malloc keeps the memory PyTorch frees for the next step instead of handing it
     back to the kernel. A step frees and reallocates multi-MB activations, and every page taken back from the
-    kernel costs a page fault: keeping them made training on 2 cores about 1.7x faster (docs/benchmarks.md).
+    kernel costs a page fault: keeping them made training on 2 cores about 1.4x faster (docs/benchmarks.md).
     The process's memory then stays near its peak until it exits. Elsewhere (GPUs, other C libraries) no effect."""
     eval_every_steps: int = 0
     """Validate every N optimizer steps (0: at the end of every epoch)."""
