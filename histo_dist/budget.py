@@ -9,11 +9,12 @@ corrects that plan once from its steady speed, and keeps it:
    start-up, first windows and kernel selection are not throughput) and one evaluation forward
    pass, and plans: the steps that fit in what is left of the budget once the validations, the
    final test (with TTA if asked) and a safety margin are paid for. Every rank gets the same plan.
-3. Warmup steps are slower than later ones (loader queues filling, allocator and kernel caches
-   warming): on two CPU cores a plan from them alone left a tenth of a 5-minute budget unused. So
-   a run long enough re-plans once, at `replan_step` (REPLAN_FACTOR times the warmup), from the
-   steps since the first plan, validations and checkpoints left out. The schedule's length changes
-   then, a little (the cosine's learning rate moves by a few percent); the re-plan is `final`.
+3. Warmup steps are often slower than later ones (loader queues filling, allocator and kernel
+   caches warming): on two CPU cores a plan from them alone left a tenth of a 5-minute budget
+   unused. So a run long enough re-plans once, at `replan_step` (REPLAN_FACTOR times the warmup),
+   from the steps since the first plan, validations and checkpoints left out. The schedule's length
+   changes then, a little (the cosine's learning rate moves by a few percent); the re-plan is
+   `final`. A machine that slows down after it makes the run end late: a plan, not a deadline.
 4. The plan goes into every checkpoint (and `RUN/plan.json`): a run resumed after the final plan
    keeps it, so it ends at the same step, with the same schedule, as the uninterrupted run would
    have. One resumed before it re-plans at the same step, from its own timing.
