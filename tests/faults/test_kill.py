@@ -1,10 +1,11 @@
 """SIGKILL of one rank or of the whole two-rank job at a random step, then the same command again
 (`checkpoint.resume=auto`): the job goes down in bounded time, leaves no process behind, and the
 resumed run ends bitwise equal to an uninterrupted one. Kill points and victims come from seeded
-RNGs: seed 1 kills rank 0 after step 5, seed 5 rank 1 after step 7 (in the second epoch), seed 2 the
-launcher and both ranks after step 3.
+RNGs: seed 1 kills rank 0 (the one that writes) after step 5, seed 2 the launcher and both ranks
+after step 3. A kill in the second epoch is the single-process test in tests/test_train.py; a two-rank one (seed 5,
+rank 1 after step 7) was dropped to keep CI under 20 minutes.
 
-Single-process kills at two steps are tests/test_train.py::test_sigkill_then_resume_ends_bitwise_equal_to_uninterrupted.
+The single-process kill is tests/test_train.py::test_sigkill_then_resume_ends_bitwise_equal_to_uninterrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ STEPS = 12  # 2 epochs x 6 steps on each of 2 ranks
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed,victim", [(1, "one rank"), (5, "one rank"), (2, "whole job")])
+@pytest.mark.parametrize("seed,victim", [(1, "one rank"), (2, "whole job")])
 def test_sigkill_then_resume_ends_bitwise_equal(shards, reference_two, tmp_path, seed, victim):
     rng = random.Random(seed)
     kill_after = rng.randint(3, STEPS - 2)  # once the first checkpoint (step 2) is on disk, before the end
