@@ -172,6 +172,20 @@ def make_plan(
     )
 
 
+def spent(budget_s: float, elapsed_s: float) -> tuple[bool, str]:
+    """(overran, what to log) at the end of a budgeted run that ran in one process, `elapsed_s` after it started."""
+    if elapsed_s <= budget_s:
+        return (
+            False,
+            f"time budget {budget_s:.0f} s: the run took {elapsed_s:.0f} s ({budget_s - elapsed_s:.0f} s left)",
+        )
+    return True, (
+        f"time budget {budget_s:.0f} s overrun: the run took {elapsed_s:.0f} s, {elapsed_s - budget_s:.0f} s more. "
+        "Its steps ran slower than those its plan was timed on (a busy or throttled machine); a budget is a plan "
+        "from measured speed, not a deadline: give a smaller train.time_budget for a hard limit"
+    )
+
+
 def replan_step(plan: Plan, warmup_steps: int) -> int:
     """The step at which a run re-plans from its steady speed (REPLAN_FACTOR x the warmup), or 0 when that
     would not come before the middle of what the plan has left: too late to change much."""

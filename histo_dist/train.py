@@ -212,7 +212,7 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self._timing: tuple[int, float] | None = None  # (step, time) where the budget's step timing starts
         self._paused_s = 0.0  # seconds since then spent validating and checkpointing (not in a step's time)
-        self._resumed_at = 0
+        self.resumed_at = 0  # the step this process resumed at (0: it started the run)
 
     def build_train_loader(self, accumulation: int) -> None:
         """This rank's training loader: micro-batches of loader.batch_size, `accumulation` per optimizer step."""
@@ -504,7 +504,7 @@ class Trainer:
         warmup = self.cfg.schedule.warmup_steps
         if self.plan is None:
             if self._timing is None:  # the first quarter of the warmup is start-up, not throughput
-                if self.step >= min(max(warmup // 4, self._resumed_at + 1), warmup - 1) or self.step == warmup:
+                if self.step >= min(max(warmup // 4, self.resumed_at + 1), warmup - 1) or self.step == warmup:
                     self._timing = (self.step, self._synchronized_now())
                     self._paused_s = 0.0
                 return
@@ -656,7 +656,7 @@ class Trainer:
                 f"{path}: written at step {self.step} without a time budget's plan; a time budget "
                 "applies to a run from its start (start a new run, or resume without train.time_budget)"
             )
-        self._resumed_at = self.step
+        self.resumed_at = self.step
         log.info(
             "resumed from %s at step %d (epoch %d, sample %d)",
             path,
@@ -926,6 +926,9 @@ def _run(trainer: Trainer, run_dir: Path) -> dict[str, Any]:
     results = trainer.fit(run_log)
     if acc.is_main_process:
         log.info("run finished: %s", run_dir)
+        if trainer.budget_s and not trainer.resumed_at:  # a resumed run's budget began in an earlier process
+            overran, message = budget.spent(trainer.budget_s, budget.process_age())
+            (log.warning if overran else log.info)("%s", message)
         if cfg.loader.skip_corrupt:
             log.warning(
                 "corrupt samples skipped (loader.skip_corrupt): %d in training%s; the warnings above name them",

@@ -93,6 +93,13 @@ def test_a_run_re_plans_at_four_warmups_unless_that_is_past_the_middle_of_its_pl
     assert Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("final", "replan_at_step")}).final
 
 
+def test_the_end_of_a_run_says_what_it_used_and_warns_when_it_overran():
+    assert budget.spent(300.0, 288.4) == (False, "time budget 300 s: the run took 288 s (12 s left)")
+    overran, message = budget.spent(300.0, 326.2)
+    assert overran and message.startswith("time budget 300 s overrun: the run took 326 s, 26 s more.")
+    assert "train.time_budget" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # A budgeted run, in-process with a fake clock (the plan is then the same every time)
 
@@ -204,3 +211,4 @@ def test_two_ranks_follow_rank_0s_plan(shards, tmp_path):
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["total_steps"] == 30 and final_state(run_dir)["step"] == 30
     assert "time budget 120 s: 30 optimizer steps" in out.stderr
+    assert out.stderr.count("time budget 120 s: the run took ") == 1  # rank 0 says how much it used, once
