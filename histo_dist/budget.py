@@ -1,7 +1,7 @@
 """Time budgets: fit a run's length to the wall-clock time it is given (`train.time_budget`).
 
 A run with a budget measures its own speed while it warms up, plans how many optimizer steps fit,
-corrects that plan once from its steady speed, and keeps it:
+corrects that plan from its steady speed at growing intervals, and keeps it:
 
 1. During the learning-rate warmup (`schedule.warmup_steps`, at least `MIN_CALIBRATION_STEPS`) it
    trains as usual; the warmup's learning rates do not depend on the run's length.
@@ -11,10 +11,14 @@ corrects that plan once from its steady speed, and keeps it:
    final test (with TTA if asked) and a safety margin are paid for. Every rank gets the same plan.
 3. Warmup steps are often slower than later ones (loader queues filling, allocator and kernel
    caches warming): on two CPU cores a plan from them alone left a tenth of a 5-minute budget
-   unused. So a run long enough re-plans once, at `replan_step` (REPLAN_FACTOR times the warmup),
-   from the steps since the first plan, validations and checkpoints left out. The schedule's length
-   changes then, a little (the cosine's learning rate moves by a few percent); the re-plan is
-   `final`. A machine that slows down after it makes the run end late: a plan, not a deadline.
+   unused. And a shared machine's speed drifts: a 30-minute run planned from a slow minute ended
+   minutes early. So the run re-plans from the steps since its last plan (validations and
+   checkpoints left out) at `replan_step`: REPLAN_FACTOR times the warmup, then REPLAN_FACTOR
+   times each re-plan's step (at 60 warmup steps: 240, 960, 3840, ...), while that comes before
+   the middle of what the plan has left; the last plan is `final`. A 5-minute run re-plans once,
+   a 30-minute one about three times. Each re-plan changes the schedule's length a little (the
+   cosine's learning rate moves by a few percent). A machine that slows down after the final plan
+   makes the run end late: a plan, not a deadline.
 4. The plan goes into every checkpoint (and `RUN/plan.json`): a run resumed after the final plan
    keeps it, so it ends at the same step, with the same schedule, as the uninterrupted run would
    have. One resumed before it re-plans at the same step, from its own timing.
@@ -36,7 +40,8 @@ from histo_dist.errors import HistoDistError
 
 MIN_CALIBRATION_STEPS = 10
 REPLAN_FACTOR = 4
-"""The final plan is made at this many times the warmup's steps (when that is before the run's half)."""
+"""A run re-plans at this many times the warmup's steps, then at this many times each re-plan's step (while
+that comes before the middle of what the plan has left)."""
 SAFETY_FRACTION = 0.03
 """Of the budget, kept back for what the plan cannot see: noise in step times, process exit."""
 FIXED_RESERVE_S = 6.0
@@ -187,7 +192,9 @@ def spent(budget_s: float, elapsed_s: float) -> tuple[bool, str]:
 
 
 def replan_step(plan: Plan, warmup_steps: int) -> int:
-    """The step at which a run re-plans from its steady speed (REPLAN_FACTOR x the warmup), or 0 when that
-    would not come before the middle of what the plan has left: too late to change much."""
-    at = max(REPLAN_FACTOR * max(warmup_steps, MIN_CALIBRATION_STEPS), plan.planned_at_step + MIN_CALIBRATION_STEPS)
+    """The step at which a run re-plans from its steady speed: REPLAN_FACTOR x the warmup after the first
+    plan, REPLAN_FACTOR x a re-plan's step after it; 0 when that would not come before the middle of what
+    the plan has left: too late to change much, so the plan is final."""
+    base = max(warmup_steps, MIN_CALIBRATION_STEPS, plan.planned_at_step)
+    at = max(REPLAN_FACTOR * base, plan.planned_at_step + MIN_CALIBRATION_STEPS)
     return at if at <= plan.planned_at_step + (plan.total_steps - plan.planned_at_step) // 2 else 0

@@ -498,9 +498,9 @@ class Trainer:
 
     # -- time budget -------------------------------------------------------------------------------
     def follow_budget(self, run_log: RunLog, bar) -> None:
-        """(train.time_budget) Time the warmup's steps; at its end, plan the run's length; at the plan's
-        `replan_at_step`, plan it again from the steps since (budget.py). Every rank calls this after every
-        optimizer step until the plan is final; all get rank 0's plan."""
+        """(train.time_budget) Time the warmup's steps; at its end, plan the run's length; at each plan's
+        `replan_at_step`, plan it again from the steps since the last plan (budget.py). Every rank calls this
+        after every optimizer step until the plan is final; all get rank 0's plan."""
         warmup = self.cfg.schedule.warmup_steps
         if self.plan is None:
             if self._timing is None:  # the first quarter of the warmup is start-up, not throughput
@@ -511,14 +511,15 @@ class Trainer:
             if self.step >= warmup:
                 self.plan_run(run_log, bar, eval_s_per_sample=None)
             return
-        if self._timing is None:  # resumed between the first plan and the re-plan: time from here
+        if self._timing is None:  # resumed between two plans: time from here
             self._timing, self._paused_s = (self.step, self._synchronized_now()), 0.0
         if self.step == self.plan.replan_at_step:
             self.plan_run(run_log, bar, eval_s_per_sample=self.plan.eval_s_per_sample)
 
     def plan_run(self, run_log: RunLog, bar, eval_s_per_sample: float | None) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
-        every rank that plan; a first plan (`eval_s_per_sample` None: measured here) may be re-made later."""
+        every rank that plan (the first one, `eval_s_per_sample` None, measures the evaluation's speed too).
+        A plan that is not final is made again at its `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
 
         start_step, start = self._timing
@@ -527,7 +528,7 @@ class Trainer:
             steps = self.step - start_step
             step_s = (self._synchronized_now() - start - self._paused_s) / max(1, steps)
             if self.plan is not None and steps < budget.MIN_CALIBRATION_STEPS:
-                step_s = self.plan.step_s  # too few steps timed since a resume: keep the first plan's speed
+                step_s = self.plan.step_s  # too few steps timed since a resume: keep the last plan's speed
             v, test = self.cfg.data.valid_split, self.cfg.data.test_split
             valid_samples = self.manifest.split(v).num_samples // self.world_size if v else 0
             test_samples = (self.manifest.split(test).num_samples // self.world_size if test else 0) + (
@@ -546,9 +547,8 @@ class Trainer:
                 test_views=8 if self.cfg.test.tta else 1,
                 max_steps=self.cfg.train.max_steps,
             )
-            if self.plan is None:
-                new.replan_at_step = replan_step(new, self.cfg.schedule.warmup_steps)
-                new.final = not new.replan_at_step
+            new.replan_at_step = replan_step(new, self.cfg.schedule.warmup_steps)
+            new.final = not new.replan_at_step
             plan = [new.to_dict()]
         broadcast_object_list(plan)  # every rank takes the same number of steps
         self.set_plan(Plan.from_dict(plan[0]))

@@ -80,11 +80,16 @@ def test_a_spent_budget_ends_the_run_at_the_plan_and_says_so():
     assert make_plan(**{**PLAN, "max_steps": 50}).total_steps == 50
 
 
-def test_a_run_re_plans_at_four_warmups_unless_that_is_past_the_middle_of_its_plan():
+def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_until_past_the_middle_of_its_plan():
     plan = make_plan(**PLAN)  # at step 20, about 900 steps
     assert plan.total_steps > 400
     assert replan_step(plan, warmup_steps=20) == 80
-    assert replan_step(plan, warmup_steps=2) == 40  # timed over at least 10 steps, the first 10 of them at least
+    assert replan_step(plan, warmup_steps=2) == 80  # a warmup shorter than the plan's step: 4 x the plan's step
+    second = make_plan(**{**PLAN, "step": 80, "elapsed_s": 45.0})
+    assert replan_step(second, warmup_steps=20) == 320  # 4 x the re-plan's step, before the middle
+    third = make_plan(**{**PLAN, "step": 320, "elapsed_s": 105.0})
+    assert third.planned_at_step + (third.total_steps - third.planned_at_step) // 2 < 1280
+    assert replan_step(third, warmup_steps=20) == 0  # 4 x 320 is past the middle: final
     late = (plan.total_steps - 20) // 2 + 20
     assert replan_step(plan, warmup_steps=late // 4) == late // 4 * 4
     assert replan_step(plan, warmup_steps=late // 4 + 1) == 0  # after the middle: the first plan is final
