@@ -11,12 +11,12 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
    final test (with TTA if asked) and a safety margin are paid for. Every rank gets the same plan.
 3. Warmup steps are often slower than later ones (loader queues filling, allocator and kernel
    caches warming): on two CPU cores a plan from them alone left a tenth of a 5-minute budget
-   unused. And a shared machine's speed drifts: a 30-minute run planned from a slow minute ended
-   minutes early. So the run re-plans from the steps since its last plan (validations and
+   unused. And a shared machine's speed drifts: a 30-minute run planned once from a slow minute
+   ended 435 s early. So the run re-plans from the steps since its last plan (validations and
    checkpoints left out) at `replan_step`: REPLAN_FACTOR times the warmup, then REPLAN_FACTOR
    times each re-plan's step (at 60 warmup steps: 240, 960, 3840, ...), while that comes before
-   the middle of what the plan has left; the last plan is `final`. A 5-minute run re-plans once,
-   a 30-minute one about three times. Each re-plan changes the schedule's length a little (the
+   the middle of what the plan has left; the last plan is `final` (the 5-minute CPU recipe, about
+   2,000 steps, re-plans at 240 and 960). Each re-plan changes the schedule's length a little (the
    cosine's learning rate moves by a few percent). A machine that slows down after the final plan
    makes the run end late: a plan, not a deadline.
 4. The plan goes into every checkpoint (and `RUN/plan.json`): a run resumed after the final plan
