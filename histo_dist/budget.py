@@ -195,6 +195,5 @@ def replan_step(plan: Plan, warmup_steps: int) -> int:
     """The step at which a run re-plans from its steady speed: REPLAN_FACTOR x the warmup after the first
     plan, REPLAN_FACTOR x a re-plan's step after it; 0 when that would not come before the middle of what
     the plan has left: too late to change much, so the plan is final."""
-    base = max(warmup_steps, MIN_CALIBRATION_STEPS, plan.planned_at_step)
-    at = max(REPLAN_FACTOR * base, plan.planned_at_step + MIN_CALIBRATION_STEPS)
+    at = REPLAN_FACTOR * max(warmup_steps, MIN_CALIBRATION_STEPS, plan.planned_at_step)  # >= 10 steps timed
     return at if at <= plan.planned_at_step + (plan.total_steps - plan.planned_at_step) // 2 else 0
