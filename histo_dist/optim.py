@@ -188,7 +188,8 @@ def lr_factor(cfg: ScheduleConfig, total_steps: int, step: int) -> float:
     if cfg.name == "step":
         return cfg.gamma ** ((step - warmup) // cfg.step_size)
     if cfg.name == "cosine":
-        return _cosine(1.0, cfg.min_lr_ratio, (step - warmup) / (total_steps - warmup))
+        # (max: a time budget can end a run at the end of its warmup, or inside it)
+        return _cosine(1.0, cfg.min_lr_ratio, (step - warmup) / max(1, total_steps - warmup))
     if cfg.name == "onecycle":
         rise = max(1, round(cfg.pct_start * total_steps))
         if step < rise:

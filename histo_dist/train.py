@@ -503,18 +503,44 @@ class Trainer:
         after every optimizer step until the plan is final; all get rank 0's plan."""
         warmup = self.cfg.schedule.warmup_steps
         if self.plan is None:
-            if self._timing is None:  # the first quarter of the warmup is start-up, not throughput
-                if self.step >= min(max(warmup // 4, self.resumed_at + 1), warmup - 1) or self.step == warmup:
+            if self._timing is None:  # the first quarter of the warmup (at most 25 steps) is start-up, not throughput
+                untimed = min(warmup // 4, budget.UNTIMED_WARMUP_STEPS)
+                if self.step >= min(max(untimed, self.resumed_at + 1), warmup - 1) or self.step == warmup:
                     self._timing = (self.step, self._synchronized_now())
                     self._paused_s = 0.0
                 return
-            if self.step >= warmup:
+            early = self.step == self._timing[0] + budget.MIN_CALIBRATION_STEPS < warmup  # the same on every rank
+            if self.step >= warmup or (early and self._warmup_outlasts_budget()):
                 self.plan_run(run_log, bar, eval_s_per_sample=None)
             return
         if self._timing is None:  # resumed between two plans: time from here
             self._timing, self._paused_s = (self.step, self._synchronized_now()), 0.0
         if self.step == self.plan.replan_at_step:
             self.plan_run(run_log, bar, eval_s_per_sample=self.plan.eval_s_per_sample)
+
+    def _warmup_outlasts_budget(self) -> bool:
+        """Would the warmup, at the speed timed so far, end after EARLY_PLAN_SHARE of the budget? Rank 0's answer,
+        given to every rank (a collective: every rank calls this at the same step)."""
+        from accelerate.utils import broadcast_object_list
+
+        answer = [False]
+        if self.accelerator.is_main_process:
+            start_step, start = self._timing
+            step_s = (self._synchronized_now() - start - self._paused_s) / max(1, self.step - start_step)
+            warmup_end_s = budget.process_age() + (self.cfg.schedule.warmup_steps - self.step) * step_s
+            answer = [warmup_end_s > budget.EARLY_PLAN_SHARE * self.budget_s]
+            if answer[0]:
+                log.warning(
+                    "schedule.warmup_steps=%d would take until %.0f s of the %.0f s time budget (%.2f s/step): "
+                    "planning the run now, at step %d; give fewer warmup steps for a full warmup and decay",
+                    self.cfg.schedule.warmup_steps,
+                    warmup_end_s,
+                    self.budget_s,
+                    step_s,
+                    self.step,
+                )
+        broadcast_object_list(answer)
+        return answer[0]
 
     def plan_run(self, run_log: RunLog, bar, eval_s_per_sample: float | None) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give

@@ -203,6 +203,35 @@ def test_a_run_resumed_before_its_final_plan_re_plans_at_the_same_step(
 
 
 @pytest.mark.slow
+def test_a_warmup_that_would_outlast_half_the_budget_is_not_waited_for(shards, tmp_path, monkeypatch, caplog):
+    """A GPU recipe's 100-step warmup on a slow machine: planned once 10 of its steps are timed (at 25 + 10),
+    not at its end, and the run ends at that plan."""
+    from histo_dist.experiment import load_experiment
+    from histo_dist.train import train
+
+    ticks = itertools.count()
+    monkeypatch.setattr(budget, "now", lambda: float(next(ticks)))  # >= 0.1 s per step timed
+    monkeypatch.setattr(budget, "process_age", lambda: 25.0)  # the warmup would end after 25 + 65 x 0.1 > 30 s
+    overrides = [f"data.shards={shards}", *BASE, "train.time_budget=60s", "schedule.warmup_steps=100"]
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="histo_dist.train"):
+        train(load_experiment(ROOT / "configs/cpu_test.yaml", overrides), run_dir)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["planned_at_step"] == 35
+    assert final_state(run_dir)["step"] == plan["total_steps"]
+    assert (
+        "schedule.warmup_steps=100 would take until" in caplog.text
+        and "planning the run now, at step 35" in caplog.text
+    )
+
+    # With a budget the warmup fits in, the same run waits for the warmup's end.
+    monkeypatch.setattr(budget, "process_age", lambda: 5.0)
+    overrides[-2] = "train.time_budget=1000s"
+    train(load_experiment(ROOT / "configs/cpu_test.yaml", [*overrides, "train.max_steps=120"]), tmp_path / "long")
+    assert records(tmp_path / "long", "plan")[0]["planned_at_step"] == 100
+
+
+@pytest.mark.slow
 def test_two_ranks_follow_rank_0s_plan(shards, tmp_path):
     """With real clocks on two processes: the same number of steps on both (a difference would hang DDP)."""
     run_dir = tmp_path / "run"

@@ -132,6 +132,14 @@ def test_cosine_ends_at_min_lr_ratio_and_keeps_the_backbone_scale():
     assert seen[100] == seen[102] == pytest.approx([LR * 0.1, LR * 0.01])  # stepping past the end keeps the floor
 
 
+def test_a_cosine_cut_at_its_warmup_by_a_time_budget_still_has_a_learning_rate():
+    from histo_dist.optim import lr_factor
+
+    cfg = ScheduleConfig(name="cosine", warmup_steps=10)
+    assert lr_factor(cfg, 10, 10) == pytest.approx(1.0)  # the step after a run planned to end at its warmup
+    assert lr_factor(cfg, 6, 6) == pytest.approx(7 / 11)  # or inside it: still the warmup's ramp
+
+
 def test_step_decays_every_step_size_after_warmup():
     lrs = [g[0] for g in run(ScheduleConfig(name="step", warmup_steps=3, step_size=5, gamma=0.5), 20)]
     assert lrs[3:8] == pytest.approx([LR] * 5)
