@@ -100,7 +100,8 @@ _IMPORTED = time.monotonic()
 
 @dataclass
 class Plan:
-    """The length of a budgeted run, fixed once at the end of its warmup."""
+    """The length of a budgeted run: planned at the end of its warmup (or earlier), again at `replan_at_step` until
+    `final`."""
 
     budget_s: float
     planned_at_step: int

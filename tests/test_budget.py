@@ -233,16 +233,16 @@ def test_a_warmup_that_would_outlast_half_the_budget_is_not_waited_for(shards, t
 
 @pytest.mark.slow
 def test_two_ranks_follow_rank_0s_plan(shards, tmp_path):
-    """With real clocks on two processes: the same number of steps on both (a difference would hang DDP)."""
+    """With real clocks on two processes: the same number of steps on both (a difference would hang DDP). A warmup
+    of 24 steps is timed from step 6; both ranks ask rank 0 at step 16 whether to plan early (no), then plan at 24."""
     run_dir = tmp_path / "run"
+    overrides = [*BASE, "train.time_budget=120s", "train.max_steps=30", "train.deterministic=false"]
     out = run(
-        train_cmd(
-            shards, run_dir, *BASE, "train.time_budget=120s", "train.max_steps=30", "train.deterministic=false", ranks=2
-        ),
+        train_cmd(shards, run_dir, *overrides, "schedule.warmup_steps=24", ranks=2),
         timeout=400,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     plan = json.loads((run_dir / "plan.json").read_text())
-    assert plan["total_steps"] == 30 and final_state(run_dir)["step"] == 30
+    assert plan["total_steps"] == 30 and final_state(run_dir)["step"] == 30 and plan["planned_at_step"] == 24
     assert "time budget 120 s: 30 optimizer steps" in out.stderr
     assert out.stderr.count("time budget 120 s: the run took ") == 1  # rank 0 says how much it used, once
