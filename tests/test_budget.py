@@ -1,5 +1,6 @@
-"""Time budgets: the plan is the most steps that fit, re-made once from the steady speed, a run keeps its
-final plan across a resume (bitwise), and every rank follows rank 0's plan."""
+"""Time budgets: the plan is the most steps that fit, re-made from the steady speed at growing intervals, made
+early when the warmup would outlast half the budget, a run keeps its final plan across a resume (bitwise), and
+every rank follows rank 0's plan."""
 
 from __future__ import annotations
 
