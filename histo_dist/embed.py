@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from histo_dist import __version__
+from histo_dist.allocator import keep_freed_memory
 from histo_dist.augment import AugmentConfig
 from histo_dist.errors import HistoDistError
 from histo_dist.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
@@ -74,6 +75,9 @@ class EmbedOptions:
     """Seed of a randomly initialised backbone's weights (model.pretrained null): the same on every rank."""
     cpu: bool = False
     """Run on the CPU even when a GPU is present."""
+    cpu_keep_freed_memory: bool = True
+    """On the CPU, keep the memory PyTorch frees in the process (glibc's malloc), as train.cpu_keep_freed_memory does
+    for training and --cpu-keep-freed-memory for evaluate. Off where memory is tighter than time."""
     overwrite: bool = False
     """Replace the embeddings already in --output (from another backbone or data, or finished)."""
     progress: bool = True
@@ -253,6 +257,8 @@ def embed(cfg: EmbedConfig, sections: set[str] = frozenset({"model"}), accelerat
 
     own = accelerator is None
     acc = accelerator or Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+    if own and acc.device.type == "cpu" and cfg.cpu_keep_freed_memory:
+        keep_freed_memory()
     try:
         return _embed(cfg, manifest, splits, jobs, backbone, out, plan, acc, t0)
     finally:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from histo_dist.allocator import keep_freed_memory
 from histo_dist.evaluation import EvalOptions, evaluate_split, scalars, write_evaluation
 from histo_dist.files import check_input, check_output
 from histo_dist.inference import InferenceOptions, check_classes, check_data, load_inference_model
@@ -107,6 +108,8 @@ def evaluate(cfg: EvalConfig, accelerator=None) -> dict[str, Any]:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        if accelerator.device.type == "cpu" and cfg.cpu_keep_freed_memory:
+            keep_freed_memory()  # (a trainer's accelerator comes with its own setting)
     acc = accelerator
     try:
         model.to(acc.device)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histo_dist.allocator import keep_freed_memory
 from histo_dist.errors import HistoDistError
 from histo_dist.files import check_input, check_output
 from histo_dist.inference import (
@@ -239,6 +240,8 @@ def predict(cfg: PredictConfig) -> str:
     threshold, threshold_tta = read_thresholds(cfg.threshold) if model.binary else (None, None)
     source = open_input(cfg, model)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    if device.type == "cpu" and cfg.cpu_keep_freed_memory:
+        keep_freed_memory()
     model.to(device)
     with tqdm(total=source.count, desc="predict", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
         predictions = predict_batches(

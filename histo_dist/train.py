@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from histo_dist import budget
+from histo_dist.allocator import keep_freed_memory
 from histo_dist.augment import AugmentConfig, augment, eval_transform
 from histo_dist.budget import Plan, make_plan, parse_duration, replan_step
 from histo_dist.checkpoint import Checkpointer, model_weights, read_training_checkpoint
@@ -782,23 +783,6 @@ class Trainer:
                     break
         bar.close()
         return self.test(run_log)
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory in the process (train.cpu_keep_freed_memory): no mmap for large
-    blocks (an munmap'd block comes back as fresh pages, a page fault each), no trimming of the heap's top, and
-    512 MiB of headroom per heap extension. What MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... do, set from here
-    so that every launcher gets it; loader workers forked later inherit it. False where there is no glibc."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from glibc's malloc.h
-    settings = ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 512 << 20))
-    return all([mallopt(param, value) == 1 for param, value in settings])
 
 
 def build_accelerator(cfg: ExperimentConfig):

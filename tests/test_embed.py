@@ -207,3 +207,14 @@ def test_a_backbone_whose_features_overflow_float16_is_refused_naming_the_sample
     )
     with pytest.raises(HistoDistError, match=r"the embedding of test_\d+ .* beyond float16's range"):
         embed_fn(cfg)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_embed_on_the_cpu_keeps_freed_memory_unless_told_not_to(images, tmp_path, monkeypatch, keep):
+    import histo_dist.embed as embed_module
+
+    calls = []
+    monkeypatch.setattr(embed_module, "keep_freed_memory", lambda: calls.append("mallopt") or True)
+    options = {"data": str(images), "output": str(tmp_path / "e"), "splits": "test", "progress": False}
+    embed_fn(from_dict(EmbedConfig, {**options, "cpu": True, "cpu_keep_freed_memory": keep}))
+    assert Manifest.load(tmp_path / "e").embeddings and calls == (["mallopt"] if keep else [])

@@ -3,6 +3,7 @@ seeded bootstrap intervals, TTA in probability space, 2 ranks = 1 rank, outputs,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -329,6 +330,20 @@ def test_learning_curves_need_the_runs_metrics_jsonl(run, tmp_path):
     assert not (tmp_path / "out/learning_curves.png").exists()
     assert any("learning curves skipped" in note for note in results["plot_notes"])
     assert is_png(tmp_path / "out/roc.png")
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_evaluate_on_the_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, monkeypatch, keep):
+    import histo_dist.evaluate as evaluate_module
+
+    calls = []
+    monkeypatch.setattr(evaluate_module, "keep_freed_memory", lambda: calls.append("mallopt") or True)
+    shards = tmp_path / "shards"
+    make_multiclass_dataset(shards, {"valid": [10], "test": [10]})
+    checkpoint = make_checkpoint(tmp_path / "best.pt", num_classes=3)
+    cfg = eval_cfg(shards, checkpoint, tmp_path / "out", cpu=True, bootstrap=0, plots=False)
+    evaluate(dataclasses.replace(cfg, cpu_keep_freed_memory=keep))
+    assert calls == (["mallopt"] if keep else [])
 
 
 def test_multiclass_evaluation_writes_per_class_probabilities(tmp_path):

@@ -200,3 +200,14 @@ def test_cli_prints_the_error_and_exits_2(run, tmp_path, capsys):
     )
     assert code == 2
     assert "histo-dist predict: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_predict_on_the_cpu_keeps_freed_memory_unless_told_not_to(inputs, tmp_path, monkeypatch, keep):
+    import histo_dist.predict as predict_module
+
+    calls = []
+    monkeypatch.setattr(predict_module, "keep_freed_memory", lambda: calls.append("mallopt") or True)
+    checkpoint = make_checkpoint(tmp_path / "best.pt")
+    rows = run_predict(checkpoint, inputs["h5"], tmp_path / "p.csv", cpu=True, cpu_keep_freed_memory=keep)
+    assert len(rows) == N_TEST and calls == (["mallopt"] if keep else [])
