@@ -332,6 +332,9 @@ def main() -> int:
         torch.backends.cudnn.benchmark = False
         return "; ".join(figures)
 
+    if ONLY and not RESULTS:
+        print(f"error: --only {args.only!r} matches no check's name; nothing was checked", file=sys.stderr)
+        return 2
     failed = [r for r in RESULTS if r[0] == "FAIL"]
     print(
         f"\n{len(RESULTS) - len(failed)} of {len(RESULTS)} paths passed or skipped"

@@ -5,12 +5,12 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
 
 1. During the learning-rate warmup (`schedule.warmup_steps`, at least `MIN_CALIBRATION_STEPS`) it
    trains as usual; the warmup's learning rates do not depend on the run's length.
-2. At the end of the warmup (or earlier, when the warmup would end after EARLY_PLAN_SHARE of the budget:
-   then as soon as MIN_CALIBRATION_STEPS of its steps are timed), rank 0 times the steps it took
-   (after the first quarter of them, at most UNTIMED_WARMUP_STEPS: start-up, first windows and kernel
-   selection are not throughput) and one evaluation forward pass, and plans: the steps that fit in what is left of
-   the budget once the validations, the final test (with TTA if asked) and a safety margin are
-   paid for. Every rank gets the same plan.
+2. At the end of the warmup (or earlier, when the warmup would end after EARLY_PLAN_SHARE of the
+   budget: then as soon as MIN_CALIBRATION_STEPS of its steps are timed), rank 0 times the steps it
+   took (after the first quarter of them, at most UNTIMED_WARMUP_STEPS: start-up, first windows and
+   kernel selection are not throughput) and one evaluation forward pass, and plans: the steps that
+   fit in what is left of the budget once the validations, the final test (with TTA if asked) and a
+   safety margin are paid for. Every rank gets the same plan.
 3. Warmup steps are often slower than later ones (loader queues filling, allocator and kernel
    caches warming): on two CPU cores a plan from them alone left a tenth of a 5-minute budget
    unused. And a shared machine's speed drifts: a 30-minute run planned once from a slow minute

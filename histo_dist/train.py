@@ -504,7 +504,7 @@ class Trainer:
         after every optimizer step until the plan is final; all get rank 0's plan."""
         warmup = self.cfg.schedule.warmup_steps
         if self.plan is None:
-            if self._timing is None:  # the first quarter of the warmup (at most 25 steps) is start-up, not throughput
+            if self._timing is None:  # the warmup's first quarter (<= UNTIMED_WARMUP_STEPS) is start-up, not throughput
                 untimed = min(warmup // 4, budget.UNTIMED_WARMUP_STEPS)
                 if self.step >= min(max(untimed, self.resumed_at + 1), warmup - 1) or self.step == warmup:
                     self._timing = (self.step, self._synchronized_now())
@@ -519,6 +519,11 @@ class Trainer:
         if self.step == self.plan.replan_at_step:
             self.plan_run(run_log, bar, eval_s_per_sample=self.plan.eval_s_per_sample)
 
+    def _timed_step_s(self) -> float:
+        """Seconds per optimizer step since `_timing`, validations and checkpoints left out."""
+        start_step, start = self._timing
+        return (self._synchronized_now() - start - self._paused_s) / max(1, self.step - start_step)
+
     def _warmup_outlasts_budget(self) -> bool:
         """Would the warmup, at the speed timed so far, end after EARLY_PLAN_SHARE of the budget? Rank 0's answer,
         given to every rank (a collective: every rank calls this at the same step)."""
@@ -526,8 +531,7 @@ class Trainer:
 
         answer = [False]
         if self.accelerator.is_main_process:
-            start_step, start = self._timing
-            step_s = (self._synchronized_now() - start - self._paused_s) / max(1, self.step - start_step)
+            step_s = self._timed_step_s()
             warmup_end_s = budget.process_age() + (self.cfg.schedule.warmup_steps - self.step) * step_s
             answer = [warmup_end_s > budget.EARLY_PLAN_SHARE * self.budget_s]
             if answer[0]:
@@ -549,12 +553,10 @@ class Trainer:
         A plan that is not final is made again at its `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
 
-        start_step, start = self._timing
         plan = [None]
         if self.accelerator.is_main_process:
-            steps = self.step - start_step
-            step_s = (self._synchronized_now() - start - self._paused_s) / max(1, steps)
-            if self.plan is not None and steps < budget.MIN_CALIBRATION_STEPS:
+            step_s = self._timed_step_s()
+            if self.plan is not None and self.step - self._timing[0] < budget.MIN_CALIBRATION_STEPS:
                 step_s = self.plan.step_s  # too few steps timed since a resume: keep the last plan's speed
             v, test = self.cfg.data.valid_split, self.cfg.data.test_split
             valid_samples = self.manifest.split(v).num_samples // self.world_size if v else 0

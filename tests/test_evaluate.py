@@ -3,7 +3,6 @@ seeded bootstrap intervals, TTA in probability space, 2 ranks = 1 rank, outputs,
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -341,8 +340,9 @@ def test_evaluate_on_the_cpu_keeps_freed_memory_unless_told_not_to(tmp_path, mon
     shards = tmp_path / "shards"
     make_multiclass_dataset(shards, {"valid": [10], "test": [10]})
     checkpoint = make_checkpoint(tmp_path / "best.pt", num_classes=3)
-    cfg = eval_cfg(shards, checkpoint, tmp_path / "out", cpu=True, bootstrap=0, plots=False)
-    evaluate(dataclasses.replace(cfg, cpu_keep_freed_memory=keep))
+    evaluate(
+        eval_cfg(shards, checkpoint, tmp_path / "out", cpu=True, bootstrap=0, plots=False, cpu_keep_freed_memory=keep)
+    )
     assert calls == (["mallopt"] if keep else [])
 
 
