@@ -182,6 +182,25 @@ def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
 
 
 @pytest.mark.slow
+def test_a_longer_budget_re_plans_at_four_times_each_re_plan_until_one_is_final(shards, tmp_path, fake_clock):
+    """The trainer follows replan_step through three plans or more: each plan is made at the step the one before
+    named, only the last is final, and the run ends at the last one's total."""
+    from histo_dist.experiment import load_experiment
+    from histo_dist.train import train
+
+    overrides = ["train.time_budget=50s", "train.eval_every_steps=200", "checkpoint.every_steps=500"]  # ~440 steps
+    run_dir = tmp_path / "run"
+    train(load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, *overrides]), run_dir)
+    plans = records(run_dir, "plan")
+    assert [p["planned_at_step"] for p in plans[:3]] == [10, 40, 160]
+    assert [p["final"] for p in plans] == [False] * (len(plans) - 1) + [True]
+    for before, after in zip(plans, plans[1:]):
+        assert after["planned_at_step"] == before["replan_at_step"] == 4 * before["planned_at_step"]
+    assert final_state(run_dir)["step"] == plans[-1]["total_steps"]
+    assert json.loads((run_dir / "plan.json").read_text())["planned_at_step"] == plans[-1]["planned_at_step"]
+
+
+@pytest.mark.slow
 def test_a_run_resumed_before_its_final_plan_re_plans_at_the_same_step(
     shards, tmp_path, monkeypatch, fake_clock, keep_signal_handlers
 ):
