@@ -745,6 +745,26 @@ class MemoryLoader(_StepPosition):
             }
 
 
+def first_images(manifest: Manifest, split: str, count: int, cfg: LoaderConfig) -> np.ndarray:
+    """The first `count` images of `split` (fewer if it holds fewer), uint8 (N, H, W, C), read from its shards
+    in order, outside any epoch's stream: the same on every rank, and reading them moves no loader. For
+    statistics of the data (model.stem_init=whiten); converted shards are shuffled, so the first are a sample."""
+    info = manifest.split(split)
+    images: list[np.ndarray] = []
+    for shard in info.shards:
+        url = cfg.shard_url.format(name=shard.name) if cfg.shard_url else str(manifest.root / shard.name)
+        index = index_shard(load_shard(url), url, limit=count - len(images))
+        opened = _OpenShard(index, manifest.codec, tuple(manifest.image_shape), manifest.dtype)
+        images += [opened.decode(i) for i in range(min(len(index), count - len(images)))]
+        if index.broken and len(images) < count:
+            raise ShardError(f"{index.broken}; run `histo-dist verify` on the shards")
+        if len(images) >= count:
+            break
+    if not images:
+        raise HistoDistError(f"split {split!r} of {manifest.root} has no samples to read")
+    return np.stack(images)
+
+
 def split_loader(manifest: Manifest, split: str, cfg: LoaderConfig, **kwargs) -> ShardLoader | MemoryLoader:
     """The loader of a split (arguments as ShardLoader's): embeddings are held in memory (`MemoryLoader`),
     images streamed from the shards (`ShardLoader`)."""

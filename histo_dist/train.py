@@ -44,10 +44,10 @@ from histo_dist.evaluation import evaluate_split, gather_objects, scalars, valid
 from histo_dist.experiment import RESUMABLE, ExperimentConfig, load_experiment, resume_changes
 from histo_dist.files import check_input, write_atomic
 from histo_dist.inference import InferenceModel
-from histo_dist.loader import split_loader
+from histo_dist.loader import first_images, split_loader
 from histo_dist.manifest import Manifest
 from histo_dist.metrics import is_better
-from histo_dist.models import build_model, check_input_side, make_deterministic
+from histo_dist.models import build_model, check_input_side, make_deterministic, whiten_stem_
 from histo_dist.optim import LRSchedule, build_optimizer
 from histo_dist.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from histo_dist.rundir import RunDirClaim, RunDirError, default_run_dir, earlier_run, provenance, write_run_files
@@ -55,6 +55,7 @@ from histo_dist.tracking import RunLog, keep_records_until, setup_logging
 
 log = logging.getLogger(__name__)
 UNPLANNED = sys.maxsize  # the length of a budgeted run before its plan
+WHITEN_IMAGES = 1024  # model.stem_init=whiten: images read for the patch statistics (~0.9 M 3x3 patches at 32 px)
 
 
 class NonFiniteLossError(HistoDistError):
@@ -176,6 +177,12 @@ class Trainer:
         # Model, optimizer, schedule. The schedule is NOT passed through `prepare`: Accelerate
         # would step it once per process per optimizer step.
         model = build_model(cfg.model, self.num_classes, self.manifest.image_shape)
+        if cfg.model.stem_init == "whiten":
+            # From the first images of the train split as evaluation sees them (crop, resize, normalisation): the
+            # same on every rank, and reading them moves no loader. About a second; a resume's checkpoint then
+            # replaces the weights.
+            images = first_images(self.manifest, cfg.data.train_split, WHITEN_IMAGES, cfg.loader)
+            whiten_stem_(model, eval_transform(torch.from_numpy(images).permute(0, 3, 1, 2), cfg.augment))
         if t.deterministic and self.device.type == "cuda":
             model = make_deterministic(model)
         if t.sync_batchnorm and self.world_size > 1:

@@ -351,3 +351,34 @@ def test_two_real_ranks_under_torchrun(dataset, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     # 174 training samples / 2 ranks / batch 8 -> 10 steps each; all 66 validation samples once.
     assert "DIST-OK [10, 10] 160 66" in out.stdout
+
+
+def test_first_images_reads_a_splits_first_samples_across_shards_in_order(tmp_path):
+    from histo_dist.loader import first_images
+
+    manifest = make_dataset(tmp_path / "d", {"train": [5, 4], "valid": [3]}, learnable=True)
+    images = first_images(manifest, "train", 7, LoaderConfig())
+    assert images.shape == (7, 8, 8, 3)
+    assert [int(i[0, 0, 0]) for i in images] == list(range(7))  # the sample index the image carries
+    assert np.array_equal(images[6], encoded_image(6, learnable=True))
+    assert len(first_images(manifest, "train", 100, LoaderConfig())) == 9  # the whole split
+    shard = tmp_path / "d" / manifest.split("train").shards[0].name
+    shard.write_bytes(shard.read_bytes()[:2000])  # cut inside the second sample
+    with pytest.raises(ShardError, match=f"{shard}"):
+        first_images(manifest, "train", 7, LoaderConfig())
+
+
+def test_an_npy_image_with_another_header_decodes_from_a_numpy_view_of_the_shard():
+    """The loader hands decode_image views into the shard's bytes; a header of the usual length that is not the
+    usual header (here Fortran order) goes to np.load instead of failing the comparison."""
+    import io
+
+    from histo_dist.shards import decode_image, npy_header
+
+    image = encoded_image(3, shape=(8, 8, 3))
+    buffer = io.BytesIO()
+    np.save(buffer, np.asfortranarray(image))
+    data = np.frombuffer(buffer.getvalue(), np.uint8)
+    header, nbytes = npy_header((8, 8, 3))
+    assert len(data) == len(header) + nbytes and bytes(data[: len(header)]) != header  # same length, other header
+    assert np.array_equal(decode_image(data, "npy", (8, 8, 3)), image)

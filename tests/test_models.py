@@ -21,6 +21,7 @@ from histo_dist.models import (
     hub_weights_path,
     num_outputs,
     stage_parameters,
+    whiten_stem_,
 )
 
 
@@ -276,3 +277,75 @@ def test_compact_models_take_any_patch_size_and_scale_with_width_and_depth(name)
     frozen = build_model(ModelConfig(name=name, width=8, depths=(1, 1), freeze="stage1"), 2)
     trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("net.stages.1", "net.fc")) for n in trainable), trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# model.stem_init=whiten
+
+
+def correlated_images(n: int = 32, size: int = 32) -> torch.Tensor:
+    """Smooth, colour-correlated noise: neighbouring pixels and the three channels move together, as in tissue."""
+    g = torch.Generator().manual_seed(0)
+    base = nn.functional.avg_pool2d(torch.randn(n, 1, size + 2, size + 2, generator=g), 3, stride=1)
+    return base * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1) + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+
+def stem_output_covariance(model, images: torch.Tensor) -> torch.Tensor:
+    out = model.net.stem[0](images).detach().transpose(0, 1).flatten(1)  # (channels, pixels), before the BN
+    return torch.cov(out.double())
+
+
+def test_whitened_stem_outputs_start_decorrelated_in_pairs_of_opposite_filters():
+    images = correlated_images()
+    model = build_model(ModelConfig(name="compact_cnn", width=16, depths=(1, 1), stem_init="whiten"), 2)
+    before = stem_output_covariance(model, images)
+    whiten_stem_(model, images)
+    weight = model.net.stem[0].weight
+    assert torch.equal(weight[:8], -weight[8:])
+    cov = stem_output_covariance(model, images)[:8, :8]
+    off_diagonal = cov - torch.diag(cov.diag())
+    assert off_diagonal.abs().max() < 0.05  # decorrelated, up to the zero padding at the border
+    assert (cov.diag() > 0.5).all() and (cov.diag() < 1.1).all()  # unit variance, less eps's share
+    random = before[:8, :8] / before[:8, :8].diag().sqrt().outer(before[:8, :8].diag().sqrt())
+    assert (random - torch.eye(8)).abs().max() > 0.5  # the default init's outputs are strongly correlated
+    again = build_model(ModelConfig(name="compact_resnet", width=80, depths=(1,), stem_init="whiten"), 2)
+    init = again.net.stem[0].weight.clone()
+    whiten_stem_(again, images)
+    assert torch.equal(again.net.stem[0].weight[54:], init[54:])  # 27 directions x 2; the rest keep their init
+
+
+def test_stem_init_is_checked():
+    assert ModelConfig(name="compact_resnet", stem_init="whiten").validate() == []
+    (problem,) = ModelConfig(name="resnet18", stem_init="whiten").validate()
+    assert problem == "stem_init: whiten is for compact_cnn and compact_resnet, not resnet18"
+    (problem,) = ModelConfig(name="compact_cnn", stem_init="whiten", init_from="best.pt").validate()
+    assert problem.startswith("stem_init: whiten starts the stem from the data")
+    (problem,) = ModelConfig(name="compact_cnn", stem_init="zca").validate()
+    assert problem == "stem_init: must be default or whiten, got 'zca'"
+
+
+@pytest.mark.slow
+def test_a_run_with_a_whitened_stem_starts_from_the_first_training_images(tmp_path):
+    from histo_dist.augment import eval_transform
+    from histo_dist.experiment import load_experiment
+    from histo_dist.loader import first_images
+    from histo_dist.manifest import Manifest
+    from histo_dist.train import WHITEN_IMAGES, Trainer
+    from tests.runs import ROOT, make_train_shards
+
+    shards = make_train_shards(tmp_path / "shards")
+    base = [f"data.shards={shards}", "loader.num_workers=0", "tracking.wandb=false", "model.name=compact_cnn"]
+    base += ["schedule.warmup_steps=2"]
+
+    def stem(run, *overrides):
+        cfg = load_experiment(ROOT / "configs/cpu_test.yaml", [*base, *overrides])
+        return cfg, Trainer(cfg, tmp_path / run).module.net.stem[0].weight.detach()
+
+    cfg, whitened = stem("a", "model.stem_init=whiten", "augment.resize=24")
+    _, default = stem("b")
+    expected = build_model(cfg.model, 2)
+    images = first_images(Manifest.load(shards), "train", WHITEN_IMAGES, cfg.loader)
+    assert len(images) == 252 and images.shape[1:] == (32, 32, 3)  # the whole split: it is smaller
+    whiten_stem_(expected, eval_transform(torch.from_numpy(images).permute(0, 3, 1, 2), cfg.augment))
+    assert torch.equal(whitened, expected.net.stem[0].weight)
+    assert not torch.equal(whitened, default)
