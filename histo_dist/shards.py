@@ -77,10 +77,8 @@ def decode_image(data: bytes | memoryview, codec: str, shape: tuple[int, ...], d
     if codec == "npy":
         header, nbytes = npy_header(tuple(shape), dtype)
         # Fast path: every image of a dataset has the same header, so skip parsing it (~30x faster
-        # than np.load at 96x96, where per-sample work dominates the loader).
-        if (
-            len(data) == len(header) + nbytes and bytes(data[: len(header)]) == header
-        ):  # bytes: data may be a numpy view
+        # than np.load at 96x96, where per-sample work dominates the loader). bytes(): data may be a numpy view.
+        if len(data) == len(header) + nbytes and bytes(data[: len(header)]) == header:
             return np.frombuffer(data, dtype, offset=len(header)).reshape(shape)
         array = np.load(io.BytesIO(data), allow_pickle=False)
     else:

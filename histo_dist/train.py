@@ -179,7 +179,7 @@ class Trainer:
         model = build_model(cfg.model, self.num_classes, self.manifest.image_shape)
         if cfg.model.stem_init == "whiten":
             # From the first images of the train split as evaluation sees them (crop, resize, normalisation): the
-            # same on every rank, and reading them moves no loader. About a second; a resume's checkpoint then
+            # same on every rank, and reading them moves no loader. Half a second; a resume's checkpoint then
             # replaces the weights.
             images = first_images(self.manifest, cfg.data.train_split, WHITEN_IMAGES, cfg.loader)
             whiten_stem_(model, eval_transform(torch.from_numpy(images).permute(0, 3, 1, 2), cfg.augment))
