@@ -592,7 +592,8 @@ class ModelConfig:
                 problems.append(f"stem_init: whiten is for compact_cnn and compact_resnet, not {self.name}")
             if self.init_from or self.pretrained:
                 problems.append(
-                    "stem_init: whiten starts the stem from the data; init_from and pretrained give its weights"
+                    "stem_init: whiten starts the stem from the data, and init_from and pretrained give its weights; "
+                    "give model.stem_init=default with them"
                 )
         if self.init_from and self.pretrained:
             problems.append(

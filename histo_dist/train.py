@@ -285,7 +285,7 @@ class Trainer:
         raise HistoDistError(
             f"cannot resume {path} exactly: its global batch is {global_batch} (batch_size x grad_accum_steps x "
             f"ranks), and loader.batch_size={micro} on {ranks} rank(s) cannot make it: {hint}; or start a new run "
-            f"from its weights: {new_run(path)}"
+            f"from its weights: {new_run(path, self.cfg.model.stem_init)}"
         )
 
     # -- one micro-batch ---------------------------------------------------------------------------
@@ -665,7 +665,12 @@ class Trainer:
         """Continue the run from checkpoint `path` (every rank). Refused, before anything is loaded, when the
         config changes a value the checkpoint's state was made with."""
         state = read_training_checkpoint(path)  # to CPU; load_state_dict copies onto the device
-        check_resumable(state["config"], self.cfg, f"{path}", f"start a new run from its weights: {new_run(path)}")
+        check_resumable(
+            state["config"],
+            self.cfg,
+            f"{path}",
+            f"start a new run from its weights: {new_run(path, self.cfg.model.stem_init)}",
+        )
         acc = self.accelerator
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -676,7 +681,9 @@ class Trainer:
         try:
             self.train_loader.load_state_dict(loader_state)
         except HistoDistError as e:
-            raise HistoDistError(f"{path}: {e}, or start a new run from its weights: {new_run(path)}") from None
+            raise HistoDistError(
+                f"{path}: {e}, or start a new run from its weights: {new_run(path, self.cfg.model.stem_init)}"
+            ) from None
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if acc.scaler is not None and "scaler" in state:
@@ -982,9 +989,12 @@ def _main_decides(acc, decide: Callable[[], Any]) -> Any:
     return box[0]
 
 
-def new_run(checkpoint: Path) -> str:
-    """The command-line words of a new run that starts from `checkpoint`'s weights."""
-    return f"--run-dir NEW_DIR model.init_from={checkpoint}"
+def new_run(checkpoint: Path, stem_init: str = "default") -> str:
+    """The command-line words of a new run that starts from `checkpoint`'s weights (which include the stem: a
+    whitened one is not made again)."""
+    return f"--run-dir NEW_DIR model.init_from={checkpoint}" + (
+        " model.stem_init=default" if stem_init != "default" else ""
+    )
 
 
 def check_resumable(old: dict[str, Any], cfg: ExperimentConfig, source: str, way_forward: str) -> None:

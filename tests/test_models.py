@@ -320,6 +320,12 @@ def test_stem_init_is_checked():
     assert problem == "stem_init: whiten is for compact_cnn and compact_resnet, not resnet18"
     (problem,) = ModelConfig(name="compact_cnn", stem_init="whiten", init_from="best.pt").validate()
     assert problem.startswith("stem_init: whiten starts the stem from the data")
+    assert problem.endswith("give model.stem_init=default with them")
+    from histo_dist.train import new_run  # the new-run hint of a refused resume gives that too
+
+    hint = new_run("run/best.pt", "whiten")
+    assert hint == "--run-dir NEW_DIR model.init_from=run/best.pt model.stem_init=default"
+    assert ModelConfig(name="compact_cnn", init_from="run/best.pt", stem_init="default").validate() == []
     (problem,) = ModelConfig(name="compact_cnn", stem_init="zca").validate()
     assert problem == "stem_init: must be default or whiten, got 'zca'"
 
