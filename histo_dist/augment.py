@@ -18,9 +18,10 @@ Two properties the loader relies on:
 
 Pipeline, each step skipped when its strength is 0: crop around the centre, shifted per sample
 (on uint8) -> resize (on uint8) -> dihedral symmetry (on uint8) -> small-angle rotation -> H&E stain jitter ->
-brightness -> contrast -> saturation -> hue -> normalisation. The colour steps follow torchvision's
-ColorJitter semantics but always run in this fixed order. Evaluation (`eval_transform`) takes the
-same centre crop and resize, then normalises: the model sees the same geometry in both.
+brightness -> contrast -> saturation -> hue -> normalisation -> standardisation per image (off by
+default). The colour steps follow torchvision's ColorJitter semantics but always run in this fixed
+order. Evaluation (`eval_transform`) takes the same centre crop and resize, then normalises (and
+standardises, where training does): the model sees the same geometry in both.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class AugmentConfig:
     """Per-channel mean subtracted from the [0, 1] image (ImageNet's, to match pretrained backbones)."""
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     """Per-channel standard deviation the image is divided by after subtracting the mean."""
+    standardise_per_image: bool = False
+    """After the normalisation, give each channel of each image its own mean 0 and standard deviation about 1:
+    (x - image mean) / (image std + 0.1), in the normalised units (the 0.1 keeps flat patches from being blown
+    up). It takes away how dark and how saturated an image's staining is, which varies between slides, labs and
+    scanners; the shapes and the colour within the image stay. Training and evaluation alike."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -374,6 +380,16 @@ def _normalize_(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> T
     return x
 
 
+def _standardise_per_image_(x: Tensor) -> Tensor:
+    """(x - mean) / (std + 0.1) over each channel of each image, in place; the means are fixed summation trees
+    (`_mean_per_image`), so a sample's result does not depend on its batch."""
+    n, c, h, w = x.shape
+    planes = x.reshape(n * c, 1, h, w)  # a copy when x is channels-last
+    planes = planes - _mean_per_image(planes)
+    scale = _mean_per_image(planes * planes).sqrt_().add_(0.1)
+    return x.copy_(planes.div_(scale).view(n, c, h, w))
+
+
 def eval_transform(images: Tensor, cfg: AugmentConfig) -> Tensor:
     """The evaluation input: uint8 (N, 3, H, W) -> the centre crop (cfg.crop), resized (cfg.resize), as float32
     (x / 255 - mean) / std, no randomness; the crop and resize are done on uint8, as in training. It is computed
@@ -384,6 +400,8 @@ def eval_transform(images: Tensor, cfg: AugmentConfig) -> Tensor:
     x = _crop(images, cfg.crop) if cfg.crop else images
     x = _resize(x, cfg.resize) if cfg.resize else x
     x = _normalize_(x.float(), tuple(255 * m for m in cfg.mean), tuple(255 * s for s in cfg.std))
+    if cfg.standardise_per_image:
+        x = _standardise_per_image_(x)
     return x.contiguous(memory_format=fmt)
 
 
@@ -412,4 +430,7 @@ def augment(images: Tensor, seeds: Tensor, cfg: AugmentConfig) -> Tensor:
         x = _blend(x, _grayscale(x), p.saturation)
     if cfg.hue > 0:
         x = _shift_hue(x, p.hue)
-    return _normalize_(x, cfg.mean, cfg.std).contiguous(memory_format=_memory_format(images))
+    x = _normalize_(x, cfg.mean, cfg.std)
+    if cfg.standardise_per_image:
+        x = _standardise_per_image_(x)
+    return x.contiguous(memory_format=_memory_format(images))

@@ -296,6 +296,42 @@ def test_same_seed_gives_the_same_crop_and_resize_whatever_the_batch():
 
 
 # ---------------------------------------------------------------------------------------------
+# Standardisation per image
+
+
+def test_standardisation_gives_each_channel_of_each_image_mean_0_and_removes_its_staining_strength():
+    x = images(6)
+    cfg = dataclasses.replace(AugmentConfig(**OFF), standardise_per_image=True)
+    out = eval_transform(x, cfg)
+    plain = eval_transform(x, AugmentConfig(**OFF))
+    centred = plain - plain.mean((2, 3), keepdim=True)
+    sd = centred.pow(2).mean((2, 3), keepdim=True).sqrt()
+    torch.testing.assert_close(out, centred / (sd + 0.1), rtol=1e-5, atol=1e-5)
+    # The same tissue stained fainter and darker per channel (an affine change of each channel): standardised, the
+    # two are nearly the same image (uint8 rounding and the 0.1 aside); normalised only, they are far apart.
+    faint = (x.float() * torch.tensor([0.6, 0.8, 0.7]).view(1, 3, 1, 1) + 40).round().to(torch.uint8)
+    standardised_change = (eval_transform(faint, cfg) - out).abs().mean()
+    normalised_change = (eval_transform(faint, AugmentConfig(**OFF)) - plain).abs().mean()
+    assert standardised_change < 0.1 * normalised_change, (standardised_change, normalised_change)
+
+
+def test_standardisation_is_the_same_in_training_and_evaluation_and_whatever_the_batch():
+    x, s = images(8), seeds(8)
+    cfg = dataclasses.replace(GEOMETRY_ON, standardise_per_image=True)
+    full = augment(x, s, cfg)
+    assert full.shape == (8, 3, 16, 16)
+    assert not torch.equal(full, augment(x, s, GEOMETRY_ON))
+    for i in range(8):
+        assert torch.equal(augment(x[i : i + 1], s[i : i + 1], cfg)[0], full[i])
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(augment(x_cl, s, cfg), full)
+    assert augment(x_cl, s, cfg).is_contiguous(memory_format=torch.channels_last)
+    geometry_only = dataclasses.replace(cfg, **OFF, crop_jitter=0)  # what training and evaluation share
+    torch.testing.assert_close(augment(x, s, geometry_only), eval_transform(x, geometry_only), rtol=1e-5, atol=1e-5)
+    assert torch.equal(eval_transform(x_cl, cfg), eval_transform(x, cfg))
+
+
+# ---------------------------------------------------------------------------------------------
 # Types, layouts, devices
 
 
