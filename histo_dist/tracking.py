@@ -72,6 +72,15 @@ class RunLog:
             if cfg.mode in ("online", "offline"):
                 init["mode"] = cfg.mode
             accelerator.init_trackers(cfg.project, config=config, init_kwargs={"wandb": init})
+            try:
+                _stop_import_telemetry(accelerator.get_tracker("wandb", unwrap=True))
+            except Exception as e:  # noqa: BLE001 - a W&B without the private call: keep W&B, say what it risks
+                log.warning(
+                    "could not remove W&B's import hooks (%s: %s): a preemption may stop the run before "
+                    "its checkpoint (wandb #9963)",
+                    type(e).__name__,
+                    e,
+                )
 
     def log(self, values: dict[str, Any], step: int, kind: str) -> None:
         """Append one record to metrics.jsonl and send it to the trackers."""
@@ -117,6 +126,18 @@ class RunLog:
                 type(e).__name__,
                 e,
             )
+
+
+def _stop_import_telemetry(run) -> None:
+    """Remove W&B's import hooks for `run`. W&B reports which libraries a run imports (its own usage telemetry, not
+    the user's data) from a hook that sends to its service from inside the `import` statement that first loads one
+    of them, where no guard of ours can be. A preemption's SIGTERM kills that service (wandb #9963), and the next
+    such import (torchmetrics loads torchvision at the first validation) raised ConnectionResetError before the
+    preemption checkpoint was written: 4 of 7 real-SLURM preemptions with W&B on (2026-12-01). W&B's private
+    `Run._unregister_telemetry_import_hooks` is what `Run.finish` calls; a W&B without it gets a warning."""
+    from wandb.sdk.wandb_run import Run
+
+    Run._unregister_telemetry_import_hooks(run.id)
 
 
 def keep_records_until(path: Path, step: int) -> None:
