@@ -380,14 +380,13 @@ def _normalize_(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> T
     return x
 
 
-def _standardise_per_image_(x: Tensor) -> Tensor:
-    """(x - mean) / (std + 0.1) over each channel of each image, in place; the means are fixed summation trees
-    (`_mean_per_image`), so a sample's result does not depend on its batch."""
+def _standardise_per_image(x: Tensor) -> Tensor:
+    """(x - mean) / (std + 0.1) over each channel of each image, as a new contiguous tensor; the means are fixed
+    summation trees (`_mean_per_image`), so a sample's result does not depend on its batch."""
     n, c, h, w = x.shape
-    planes = x.reshape(n * c, 1, h, w)  # a copy when x is channels-last
+    planes = x.reshape(n * c, 1, h, w)
     planes = planes - _mean_per_image(planes)
-    scale = _mean_per_image(planes * planes).sqrt_().add_(0.1)
-    return x.copy_(planes.div_(scale).view(n, c, h, w))
+    return planes.div_(_mean_per_image(planes * planes).sqrt_().add_(0.1)).view(n, c, h, w)
 
 
 def eval_transform(images: Tensor, cfg: AugmentConfig) -> Tensor:
@@ -401,7 +400,7 @@ def eval_transform(images: Tensor, cfg: AugmentConfig) -> Tensor:
     x = _resize(x, cfg.resize) if cfg.resize else x
     x = _normalize_(x.float(), tuple(255 * m for m in cfg.mean), tuple(255 * s for s in cfg.std))
     if cfg.standardise_per_image:
-        x = _standardise_per_image_(x)
+        x = _standardise_per_image(x)
     return x.contiguous(memory_format=fmt)
 
 
@@ -432,5 +431,5 @@ def augment(images: Tensor, seeds: Tensor, cfg: AugmentConfig) -> Tensor:
         x = _shift_hue(x, p.hue)
     x = _normalize_(x, cfg.mean, cfg.std)
     if cfg.standardise_per_image:
-        x = _standardise_per_image_(x)
+        x = _standardise_per_image(x)
     return x.contiguous(memory_format=_memory_format(images))
