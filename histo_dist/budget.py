@@ -18,9 +18,13 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
    checkpoints left out) at `replan_step`: REPLAN_FACTOR times the warmup, then REPLAN_FACTOR
    times each re-plan's step (at 60 warmup steps: 240, 960, 3840, ...), while that comes before
    the middle of what the plan has left; the last plan is `final` (the 5-minute CPU recipe, about
-   2,000 steps, re-plans at 240 and 960). Each re-plan changes the schedule's length a little (the
-   cosine's learning rate moves by a few percent). A machine that slows down after the final plan
-   makes the run end late: a plan, not a deadline.
+   2,000 steps, re-plans at 240 and 960). The plan made from the warmup is never final when steps
+   fit to time before its middle: it re-plans there at the latest. A re-plan also times the
+   evaluation again, from the validations run since the last plan (one forward pass over random
+   patches, the first plan's measure, was off by up to 1.7x both ways on two CPU cores). Each
+   re-plan changes the schedule's length a little (the cosine's learning rate moves by a few
+   percent). A machine that slows down after the final plan makes the run end late: a plan, not a
+   deadline.
 4. The plan goes into every checkpoint (and `RUN/plan.json`): a run resumed after the final plan
    keeps it, so it ends at the same step, with the same schedule, as the uninterrupted run would
    have. One resumed before it re-plans at the same step, from its own timing.
@@ -204,6 +208,13 @@ def spent(budget_s: float, elapsed_s: float) -> tuple[bool, str]:
 def replan_step(plan: Plan, warmup_steps: int) -> int:
     """The step at which a run re-plans from its steady speed: REPLAN_FACTOR x the warmup after the first
     plan, REPLAN_FACTOR x a re-plan's step after it; 0 when that would not come before the middle of what
-    the plan has left: too late to change much, so the plan is final."""
+    the plan has left: too late to change much, so the plan is final. The first plan (made in the warmup,
+    whose steps are slower) is not final while MIN_CALIBRATION_STEPS fit before its middle: it re-plans
+    there at the latest. On a slow CPU a 5-minute plan from the warmup alone left a quarter of the budget
+    unused (docs/benchmarks.md)."""
+    middle = plan.planned_at_step + (plan.total_steps - plan.planned_at_step) // 2
     at = REPLAN_FACTOR * max(warmup_steps, MIN_CALIBRATION_STEPS, plan.planned_at_step)  # >= 10 steps timed
-    return at if at <= plan.planned_at_step + (plan.total_steps - plan.planned_at_step) // 2 else 0
+    if at <= middle:
+        return at
+    first = plan.planned_at_step <= warmup_steps  # re-plans come at REPLAN_FACTOR x the warmup or later
+    return middle if first and middle - plan.planned_at_step >= MIN_CALIBRATION_STEPS else 0

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -220,6 +221,7 @@ class Trainer:
         self.preemption = PreemptionFlag()
         self._timing: tuple[int, float] | None = None  # (step, time) where the budget's step timing starts
         self._paused_s = 0.0  # seconds since then spent validating and checkpointing (not in a step's time)
+        self._validations_s: list[float] = []  # each validation since then, its checkpoint included
         self.resumed_at = 0  # the step this process resumed at (0: it started the run)
 
     def build_train_loader(self, accumulation: int) -> None:
@@ -515,14 +517,14 @@ class Trainer:
                 untimed = min(warmup // 4, budget.UNTIMED_WARMUP_STEPS)
                 if self.step >= min(max(untimed, self.resumed_at + 1), warmup - 1) or self.step == warmup:
                     self._timing = (self.step, self._synchronized_now())
-                    self._paused_s = 0.0
+                    self._paused_s, self._validations_s = 0.0, []
                 return
             early = self.step == self._timing[0] + budget.MIN_CALIBRATION_STEPS < warmup  # the same on every rank
             if self.step >= warmup or (early and self._warmup_outlasts_budget()):
                 self.plan_run(run_log, bar, eval_s_per_sample=None)
             return
         if self._timing is None:  # resumed between two plans: time from here
-            self._timing, self._paused_s = (self.step, self._synchronized_now()), 0.0
+            self._timing, self._paused_s, self._validations_s = (self.step, self._synchronized_now()), 0.0, []
         if self.step == self.plan.replan_at_step:
             self.plan_run(run_log, bar, eval_s_per_sample=self.plan.eval_s_per_sample)
 
@@ -556,8 +558,10 @@ class Trainer:
 
     def plan_run(self, run_log: RunLog, bar, eval_s_per_sample: float | None) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
-        every rank that plan (the first one, `eval_s_per_sample` None, measures the evaluation's speed too).
-        A plan that is not final is made again at its `replan_at_step`."""
+        every rank that plan. The first one (`eval_s_per_sample` None) times an evaluation forward pass too;
+        a re-plan takes the evaluation's speed from the validations run since the last plan, if any (their
+        loader start-up and checkpoint included: what each of them costs). A plan that is not final is made
+        again at its `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
 
         plan = [None]
@@ -567,6 +571,8 @@ class Trainer:
                 step_s = self.plan.step_s  # too few steps timed since a resume: keep the last plan's speed
             v, test = self.cfg.data.valid_split, self.cfg.data.test_split
             valid_samples = self.manifest.split(v).num_samples // self.world_size if v else 0
+            if eval_s_per_sample is not None and self._validations_s and valid_samples:
+                eval_s_per_sample = statistics.fmean(self._validations_s) / valid_samples
             test_samples = (self.manifest.split(test).num_samples // self.world_size if test else 0) + (
                 valid_samples if test and self.cfg.test.threshold_method else 0
             )
@@ -588,7 +594,8 @@ class Trainer:
             plan = [new.to_dict()]
         broadcast_object_list(plan)  # every rank takes the same number of steps
         self.set_plan(Plan.from_dict(plan[0]))
-        self._timing, self._paused_s = (None if self.plan.final else (self.step, self._synchronized_now())), 0.0
+        self._timing = None if self.plan.final else (self.step, self._synchronized_now())
+        self._paused_s, self._validations_s = 0.0, []
         bar.total = self.total_steps
         bar.refresh()
         if self.accelerator.is_main_process:
@@ -777,7 +784,10 @@ class Trainer:
                 if saved:
                     self.save_checkpoint(is_best)
                 if timing:
-                    self._paused_s += self._synchronized_now() - paused_at
+                    paused = self._synchronized_now() - paused_at
+                    self._paused_s += paused
+                    if validated:
+                        self._validations_s.append(paused)
                 # Only after this step's validation and checkpoint: a run preempted between a step and
                 # its validation would resume past that validation, and could pick another best checkpoint.
                 # With several ranks, agreeing on it is a collective (a GPU sync point), so it is asked at

@@ -90,10 +90,15 @@ def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_until_pa
     assert replan_step(second, warmup_steps=20) == 320  # 4 x the re-plan's step, before the middle
     third = make_plan(**{**PLAN, "step": 320, "elapsed_s": 105.0})
     assert third.planned_at_step + (third.total_steps - third.planned_at_step) // 2 < 1280
-    assert replan_step(third, warmup_steps=20) == 0  # 4 x 320 is past the middle: final
+    assert replan_step(third, warmup_steps=20) == 0  # 4 x 320 is past the middle: final (not a first plan)
     late = (plan.total_steps - 20) // 2 + 20
     assert replan_step(plan, warmup_steps=late // 4) == late // 4 * 4
-    assert replan_step(plan, warmup_steps=late // 4 + 1) == 0  # after the middle: the first plan is final
+    # 4 x the warmup after the middle: the first plan, timed on the warmup's slower steps, re-plans at the middle
+    assert replan_step(plan, warmup_steps=late // 4 + 1) == late
+    short = {**plan.to_dict(), "total_steps": 20 + 2 * budget.MIN_CALIBRATION_STEPS}
+    assert replan_step(Plan.from_dict(short), warmup_steps=20) == 20 + budget.MIN_CALIBRATION_STEPS
+    shorter = {**short, "total_steps": short["total_steps"] - 1}  # too few steps before the middle to time
+    assert replan_step(Plan.from_dict(shorter), warmup_steps=20) == 0
     first = Plan.from_dict({**plan.to_dict(), "final": False, "replan_at_step": 80})
     assert "re-planned at step 80" in first.describe()
     assert Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("final", "replan_at_step")}).final
@@ -198,6 +203,30 @@ def test_a_longer_budget_re_plans_at_four_times_each_re_plan_until_one_is_final(
         assert after["planned_at_step"] == before["replan_at_step"] == 4 * before["planned_at_step"]
     assert final_state(run_dir)["step"] == plans[-1]["total_steps"]
     assert json.loads((run_dir / "plan.json").read_text())["planned_at_step"] == plans[-1]["planned_at_step"]
+
+
+@pytest.mark.slow
+def test_a_first_plan_past_its_middle_re_plans_there_timing_the_evaluation_on_the_validations(
+    shards, tmp_path, fake_clock
+):
+    """A budget whose first plan ends before 4 x the warmup: the run still re-plans from its steady speed, at the
+    middle of that plan, and the re-plan prices validations and the test at what the validations since the first
+    plan cost (1 s each on the fake clock), not at the first plan's forward pass over random patches."""
+    from histo_dist.experiment import load_experiment
+    from histo_dist.manifest import Manifest
+    from histo_dist.train import train
+
+    run_dir = tmp_path / "run"
+    train(load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE]), run_dir)
+    first, second, *more = records(run_dir, "plan")
+    middle = 10 + (first["total_steps"] - 10) // 2
+    assert middle < 40  # 4 x the warmup: the first plan would have been final
+    assert (first["planned_at_step"], first["final"], first["replan_at_step"]) == (10, False, middle)
+    assert second["planned_at_step"] == middle and second["final"] and not more
+    valid_samples = Manifest.load(shards).split("valid").num_samples
+    assert second["eval_s_per_sample"] == pytest.approx(1.0 / valid_samples)
+    assert first["eval_s_per_sample"] != pytest.approx(second["eval_s_per_sample"])
+    assert final_state(run_dir)["step"] == second["total_steps"]
 
 
 @pytest.mark.slow
