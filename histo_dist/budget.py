@@ -19,9 +19,9 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
    times each re-plan's step (at 60 warmup steps: 240, 960, 3840, ...), while that comes before
    the middle of what the plan has left; the last plan is `final` (the 5-minute CPU recipe, about
    2,000 steps, re-plans at 240 and 960). The plan made from the warmup is never final when steps
-   fit to time before its middle: it re-plans there at the latest. A re-plan also times the
-   evaluation again, from the validations run since the last plan (one forward pass over random
-   patches, the first plan's measure, was off by up to 1.7x both ways on two CPU cores). Each
+   fit to time before its middle: it re-plans there at the latest. A re-plan prices each
+   validation at what the validations since the last plan took (their loader start-up and
+   checkpoint included: twice the first plan's estimate from a forward pass, on two CPU cores). Each
    re-plan changes the schedule's length a little (the cosine's learning rate moves by a few
    percent). A machine that slows down after the final plan makes the run end late: a plan, not a
    deadline.
@@ -162,13 +162,16 @@ def make_plan(
     test_samples: int,
     test_views: int,
     max_steps: int = 0,
+    validation_s: float | None = None,
 ) -> Plan:
     """The most optimizer steps that fit: what is left of the budget, minus the validations they bring
     (at every epoch end, or every `eval_every_steps`, and after the last step), minus the final test
     (`test_samples`, the threshold's pass over the validation split included, each `test_views` times),
-    minus a reserve. Sample counts are per rank. A pure function of its inputs. A budget already spent
-    gives a plan that ends here (total_steps == step): the run goes straight to its test."""
-    validation_s = valid_samples * eval_s_per_sample
+    minus a reserve. Sample counts are per rank. `validation_s`, what a validation was measured to take, replaces
+    its estimate from `eval_s_per_sample`. A pure function of its inputs. A budget already spent gives a plan that
+    ends here (total_steps == step): the run goes straight to its test."""
+    if validation_s is None:
+        validation_s = valid_samples * eval_s_per_sample
     test_s = test_samples * test_views * eval_s_per_sample
     reserve_s = FIXED_RESERVE_S + SAFETY_FRACTION * budget_s
     available = budget_s - elapsed_s - test_s - reserve_s
@@ -205,10 +208,10 @@ def spent(budget_s: float, elapsed_s: float) -> tuple[bool, str]:
     )
 
 
-def replan_step(plan: Plan, warmup_steps: int) -> int:
+def replan_step(plan: Plan, warmup_steps: int, first: bool = False) -> int:
     """The step at which a run re-plans from its steady speed: REPLAN_FACTOR x the warmup after the first
     plan, REPLAN_FACTOR x a re-plan's step after it; 0 when that would not come before the middle of what
-    the plan has left: too late to change much, so the plan is final. The first plan (made in the warmup,
+    the plan has left: too late to change much, so the plan is final. The `first` plan (made in the warmup,
     whose steps are slower) is not final while MIN_CALIBRATION_STEPS fit before its middle: it re-plans
     there at the latest. On a slow CPU a 5-minute plan from the warmup alone left a quarter of the budget
     unused (docs/benchmarks.md)."""
@@ -216,5 +219,4 @@ def replan_step(plan: Plan, warmup_steps: int) -> int:
     at = REPLAN_FACTOR * max(warmup_steps, MIN_CALIBRATION_STEPS, plan.planned_at_step)  # >= 10 steps timed
     if at <= middle:
         return at
-    first = plan.planned_at_step <= warmup_steps  # re-plans come at REPLAN_FACTOR x the warmup or later
     return middle if first and middle - plan.planned_at_step >= MIN_CALIBRATION_STEPS else 0

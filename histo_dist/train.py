@@ -558,10 +558,10 @@ class Trainer:
 
     def plan_run(self, run_log: RunLog, bar, eval_s_per_sample: float | None) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
-        every rank that plan. The first one (`eval_s_per_sample` None) times an evaluation forward pass too;
-        a re-plan takes the evaluation's speed from the validations run since the last plan, if any (their
-        loader start-up and checkpoint included: what each of them costs). A plan that is not final is made
-        again at its `replan_at_step`."""
+        every rank that plan. The first one (`eval_s_per_sample` None) times an evaluation forward pass too, for
+        the test and the validations; a re-plan prices each validation at what those since the last plan took, if
+        any (their loader start-up and checkpoint included). A plan that is not final is made again at its
+        `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
 
         plan = [None]
@@ -571,8 +571,6 @@ class Trainer:
                 step_s = self.plan.step_s  # too few steps timed since a resume: keep the last plan's speed
             v, test = self.cfg.data.valid_split, self.cfg.data.test_split
             valid_samples = self.manifest.split(v).num_samples // self.world_size if v else 0
-            if eval_s_per_sample is not None and self._validations_s and valid_samples:
-                eval_s_per_sample = statistics.fmean(self._validations_s) / valid_samples
             test_samples = (self.manifest.split(test).num_samples // self.world_size if test else 0) + (
                 valid_samples if test and self.cfg.test.threshold_method else 0
             )
@@ -582,6 +580,7 @@ class Trainer:
                 elapsed_s=budget.process_age(),
                 step_s=step_s,
                 eval_s_per_sample=eval_s_per_sample or self._eval_seconds_per_sample(),
+                validation_s=statistics.fmean(self._validations_s) if self._validations_s else None,
                 steps_per_epoch=self.steps_per_epoch,
                 eval_every_steps=self.cfg.train.eval_every_steps,
                 valid_samples=valid_samples,
@@ -589,7 +588,7 @@ class Trainer:
                 test_views=8 if self.cfg.test.tta else 1,
                 max_steps=self.cfg.train.max_steps,
             )
-            new.replan_at_step = replan_step(new, self.cfg.schedule.warmup_steps)
+            new.replan_at_step = replan_step(new, self.cfg.schedule.warmup_steps, first=self.plan is None)
             new.final = not new.replan_at_step
             plan = [new.to_dict()]
         broadcast_object_list(plan)  # every rank takes the same number of steps

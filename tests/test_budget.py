@@ -90,15 +90,16 @@ def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_until_pa
     assert replan_step(second, warmup_steps=20) == 320  # 4 x the re-plan's step, before the middle
     third = make_plan(**{**PLAN, "step": 320, "elapsed_s": 105.0})
     assert third.planned_at_step + (third.total_steps - third.planned_at_step) // 2 < 1280
-    assert replan_step(third, warmup_steps=20) == 0  # 4 x 320 is past the middle: final (not a first plan)
+    assert replan_step(third, warmup_steps=20) == 0  # 4 x 320 is past the middle: final
     late = (plan.total_steps - 20) // 2 + 20
     assert replan_step(plan, warmup_steps=late // 4) == late // 4 * 4
     # 4 x the warmup after the middle: the first plan, timed on the warmup's slower steps, re-plans at the middle
-    assert replan_step(plan, warmup_steps=late // 4 + 1) == late
+    assert replan_step(plan, warmup_steps=late // 4 + 1, first=True) == late
+    assert replan_step(plan, warmup_steps=late // 4 + 1) == 0  # a re-plan after its middle is final
     short = {**plan.to_dict(), "total_steps": 20 + 2 * budget.MIN_CALIBRATION_STEPS}
-    assert replan_step(Plan.from_dict(short), warmup_steps=20) == 20 + budget.MIN_CALIBRATION_STEPS
+    assert replan_step(Plan.from_dict(short), warmup_steps=20, first=True) == 20 + budget.MIN_CALIBRATION_STEPS
     shorter = {**short, "total_steps": short["total_steps"] - 1}  # too few steps before the middle to time
-    assert replan_step(Plan.from_dict(shorter), warmup_steps=20) == 0
+    assert replan_step(Plan.from_dict(shorter), warmup_steps=20, first=True) == 0
     first = Plan.from_dict({**plan.to_dict(), "final": False, "replan_at_step": 80})
     assert "re-planned at step 80" in first.describe()
     assert Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("final", "replan_at_step")}).final
@@ -206,12 +207,10 @@ def test_a_longer_budget_re_plans_at_four_times_each_re_plan_until_one_is_final(
 
 
 @pytest.mark.slow
-def test_a_first_plan_past_its_middle_re_plans_there_timing_the_evaluation_on_the_validations(
-    shards, tmp_path, fake_clock
-):
+def test_a_first_plan_past_its_middle_re_plans_there_pricing_validations_as_measured(shards, tmp_path, fake_clock):
     """A budget whose first plan ends before 4 x the warmup: the run still re-plans from its steady speed, at the
-    middle of that plan, and the re-plan prices validations and the test at what the validations since the first
-    plan cost (1 s each on the fake clock), not at the first plan's forward pass over random patches."""
+    middle of that plan; each plan prices a validation at what those timed before it took (1 s each on the fake
+    clock), not at the first plan's forward pass over random patches, which still prices the test."""
     from histo_dist.experiment import load_experiment
     from histo_dist.manifest import Manifest
     from histo_dist.train import train
@@ -224,8 +223,10 @@ def test_a_first_plan_past_its_middle_re_plans_there_timing_the_evaluation_on_th
     assert (first["planned_at_step"], first["final"], first["replan_at_step"]) == (10, False, middle)
     assert second["planned_at_step"] == middle and second["final"] and not more
     valid_samples = Manifest.load(shards).split("valid").num_samples
-    assert second["eval_s_per_sample"] == pytest.approx(1.0 / valid_samples)
-    assert first["eval_s_per_sample"] != pytest.approx(second["eval_s_per_sample"])
+    # (the validation at step 9 came after the warmup's timing began: the first plan prices it as measured too)
+    assert first["validation_s"] == second["validation_s"] == 1.0
+    assert 1.0 != pytest.approx(valid_samples * first["eval_s_per_sample"])  # what the forward pass would say
+    assert second["eval_s_per_sample"] == first["eval_s_per_sample"]
     assert final_state(run_dir)["step"] == second["total_steps"]
 
 
@@ -254,7 +255,7 @@ def test_a_run_resumed_before_its_final_plan_re_plans_at_the_same_step(
 @pytest.mark.slow
 def test_a_warmup_that_would_outlast_half_the_budget_is_not_waited_for(shards, tmp_path, monkeypatch, caplog):
     """A GPU recipe's 100-step warmup on a slow machine: planned once 10 of its steps are timed (at 25 + 10),
-    not at its end, and the run ends at that plan."""
+    not at its end; that first plan re-plans at its middle, and the run ends at the second plan."""
     from histo_dist.experiment import load_experiment
     from histo_dist.train import train
 
@@ -265,8 +266,11 @@ def test_a_warmup_that_would_outlast_half_the_budget_is_not_waited_for(shards, t
     run_dir = tmp_path / "run"
     with caplog.at_level("WARNING", logger="histo_dist.train"):
         train(load_experiment(ROOT / "configs/cpu_test.yaml", overrides), run_dir)
-    plan = json.loads((run_dir / "plan.json").read_text())
-    assert plan["planned_at_step"] == 35
+    first, plan = records(run_dir, "plan")
+    assert first["planned_at_step"] == 35
+    assert plan["planned_at_step"] == first["replan_at_step"] == 35 + (first["total_steps"] - 35) // 2
+    written = json.loads((run_dir / "plan.json").read_text())
+    assert {k: plan[k] for k in written} == written
     assert final_state(run_dir)["step"] == plan["total_steps"]
     assert (
         "schedule.warmup_steps=100 would take until" in caplog.text
