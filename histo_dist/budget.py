@@ -19,9 +19,9 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
    times each re-plan's step (at 60 warmup steps: 240, 960, 3840, ...), while that comes before
    the middle of what the plan has left; the last plan is `final` (the 5-minute CPU recipe, about
    2,000 steps, re-plans at 240 and 960). The plan made from the warmup is never final when steps
-   fit to time before its middle: it re-plans there at the latest. A re-plan prices each
-   validation at what the validations since the last plan took (their loader start-up and
-   checkpoint included: twice the first plan's estimate from a forward pass, on two CPU cores). Each
+   fit to time before its middle: it re-plans there at the latest. A plan prices each
+   validation at what the validations timed since the last plan took (their loader start-up and
+   checkpoint included: twice the estimate from a forward pass, on two CPU cores). Each
    re-plan changes the schedule's length a little (the cosine's learning rate moves by a few
    percent). A machine that slows down after the final plan makes the run end late: a plan, not a
    deadline.

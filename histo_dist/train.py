@@ -558,10 +558,10 @@ class Trainer:
 
     def plan_run(self, run_log: RunLog, bar, eval_s_per_sample: float | None) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
-        every rank that plan. The first one (`eval_s_per_sample` None) times an evaluation forward pass too, for
-        the test and the validations; a re-plan prices each validation at what those since the last plan took, if
-        any (their loader start-up and checkpoint included). A plan that is not final is made again at its
-        `replan_at_step`."""
+        every rank that plan. The first one (`eval_s_per_sample` None) times an evaluation forward pass too, which
+        prices the test; each plan prices a validation at what those timed since `_timing` took (their loader
+        start-up and checkpoint included), or by that forward pass if none was. A plan that is not final is made
+        again at its `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
 
         plan = [None]
