@@ -238,6 +238,13 @@ def run_driver(tmp_path: Path, shards: Path, processes: int, batch: int, steps: 
     return torch.load(out / "result.pt", weights_only=True)
 
 
+# Two ranks, or four micro-batches, sum the same gradients in another order; AdamW turns float32 rounding in
+# coordinates with tiny gradients into differences in their updates. After 5-6 steps these tests passed at 1e-5 on
+# an AMX CPU and found 1.3e-5 to 2.7e-5 on an AVX2 one (AMD EPYC), while the same run on other samples (batch 8
+# instead of 16, or brightness jitter 0.05) differs by 0.017: WEIGHT_ATOL sits between the two.
+WEIGHT_ATOL = 2e-4
+
+
 def assert_close_weights(a: dict, b: dict, atol: float) -> None:
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol, rtol=1e-4), f"{key}: max diff {(a[key] - b[key]).abs().max()}"
@@ -248,7 +255,7 @@ def test_two_ranks_with_batch_b_equal_one_rank_with_batch_2b(tmp_path, shards):
     one = run_driver(tmp_path, shards, 1, 16, 6)
     two = run_driver(tmp_path, shards, 2, 16, 6)
     assert one["lr"] == two["lr"]  # the schedule stepped once per optimizer step, not once per process
-    assert_close_weights(one["model"], two["model"], atol=1e-5)
+    assert_close_weights(one["model"], two["model"], atol=WEIGHT_ATOL)
     # Validation metrics from two ranks equal those from one rank (each sample counted once).
     assert two["valid"]["num_samples"] == one["valid"]["num_samples"] == 88
     for name in ("accuracy", "auroc", "f1", "precision", "recall", "balanced_accuracy", "nll"):
@@ -263,7 +270,7 @@ def test_gradient_accumulation_equals_a_k_times_larger_batch(tmp_path, shards):
     big = run_driver(tmp_path, shards, 1, 16, 5)
     accumulated = run_driver(tmp_path, shards, 1, 16, 5, "train.grad_accum_steps=4")
     assert big["lr"] == accumulated["lr"]
-    assert_close_weights(big["model"], accumulated["model"], atol=1e-5)
+    assert_close_weights(big["model"], accumulated["model"], atol=WEIGHT_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
