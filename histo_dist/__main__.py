@@ -1,5 +1,3 @@
-import sys
+from histo_dist.cli import entry
 
-from histo_dist.cli import main
-
-sys.exit(main())
+entry()
