@@ -32,6 +32,10 @@ ENV = {
     "PYTHONPATH": str(ROOT),
 }
 
+# `accelerate launch` on gloo, started as launch/train.sh starts it: the `accelerate` command imports every one of
+# its subcommands first, timm among them (for `estimate-memory`), which adds some 4 s to each launch here.
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", "0"]
+
 # 252 training samples in uneven shards (15 steps of 16 per epoch on one rank), 88 valid, 64 test.
 TRAIN_SIZES = {"train": [100, 92, 60], "valid": [48, 40], "test": [64]}
 
@@ -56,16 +60,7 @@ def train_cmd(shards: Path, run_dir: Path, *overrides: str, ranks: int = 1) -> l
     ]
     if ranks == 1:
         return [sys.executable, *args]
-    return [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(ranks),
-        "--main_process_port",
-        "0",
-        *args,
-    ]
+    return [*ACCELERATE_LAUNCH, "--num_processes", str(ranks), *args]
 
 
 def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:

@@ -20,7 +20,7 @@ from histo_dist.errors import HistoDistError
 from histo_dist.manifest import Manifest
 from histo_dist.shards import iter_raw_samples
 from histo_dist.verify import verify_dataset
-from tests.runs import BIN, ENV, ROOT, make_train_shards, run, start
+from tests.runs import ACCELERATE_LAUNCH, BIN, ROOT, make_train_shards, run, start
 from tests.shard_data import make_dataset
 
 VIT = ["model.name=timm/vit_tiny_patch16_224", "model.kwargs.img_size=32"]
@@ -153,8 +153,7 @@ def test_two_ranks_write_the_bytes_one_rank_writes(images, tmp_path):
     args = ["-m", "histo_dist", "embed", "--data", str(images), "--no-progress", "model.name=compact_cnn"]
     one = run([str(BIN / "python"), *args, "--output", str(tmp_path / "one")], timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
-    two = run([*launch, *args, "--output", str(tmp_path / "two")], timeout=600, env={**ENV})
+    two = run([*ACCELERATE_LAUNCH, "--num_processes", "2", *args, "--output", str(tmp_path / "two")], timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one")
     assert Manifest.load(tmp_path / "two").splits == Manifest.load(tmp_path / "one").splits

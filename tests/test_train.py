@@ -19,6 +19,7 @@ import torch
 from histo_dist.checkpoint import Checkpointer, load_checkpoint
 from histo_dist.experiment import load_experiment
 from tests.runs import (
+    ACCELERATE_LAUNCH,
     BIN,
     ENV,
     ROOT,
@@ -223,16 +224,7 @@ def run_driver(tmp_path: Path, shards: Path, processes: int, batch: int, steps: 
     if processes == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [
-            str(BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--main_process_port",
-            "0",
-            *args,
-        ]
+        cmd = [*ACCELERATE_LAUNCH, "--num_processes", str(processes), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "ACCELERATE_USE_CPU": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return torch.load(out / "result.pt", weights_only=True)
