@@ -34,8 +34,8 @@ SCRIPT = textwrap.dedent(
     run_log = RunLog(Accelerator(cpu=True, log_with="wandb"), run_dir, TrackingConfig(wandb=True, mode="offline"), {})
     # A library W&B watches for and this process has not loaded yet (timm is a dependency; torchmetrics loads
     # torchvision this way at a run's first validation).
-    watched = sorted(n for n in telemetry.list_telemetry_imports() if n in ("timm", "sklearn", "joblib"))
-    module = next(n for n in watched if n not in sys.modules)
+    module = "timm"
+    assert module in telemetry.list_telemetry_imports() and module not in sys.modules
     service = [p for p in descendants(os.getpid()) if b"wandb" in open(f"/proc/{p}/cmdline", "rb").read()]
     assert service, "no W&B service process found"
     for pid in service:
