@@ -516,17 +516,21 @@ class Trainer:
             if self._timing is None:  # the warmup's first quarter (<= UNTIMED_WARMUP_STEPS) is start-up, not throughput
                 untimed = min(warmup // 4, budget.UNTIMED_WARMUP_STEPS)
                 if self.step >= min(max(untimed, self.resumed_at + 1), warmup - 1) or self.step == warmup:
-                    self._timing = (self.step, self._synchronized_now())
-                    self._paused_s, self._validations_s = 0.0, []
+                    self._time_from_here()
                 return
             early = self.step == self._timing[0] + budget.MIN_CALIBRATION_STEPS < warmup  # the same on every rank
             if self.step >= warmup or (early and self._warmup_outlasts_budget()):
                 self.plan_run(run_log, bar, eval_s_per_sample=None)
             return
-        if self._timing is None:  # resumed between two plans: time from here
-            self._timing, self._paused_s, self._validations_s = (self.step, self._synchronized_now()), 0.0, []
+        if self._timing is None:  # resumed between two plans
+            self._time_from_here()
         if self.step == self.plan.replan_at_step:
             self.plan_run(run_log, bar, eval_s_per_sample=self.plan.eval_s_per_sample)
+
+    def _time_from_here(self) -> None:
+        """Time the budget's steps from this one: pauses and validations before it no longer count."""
+        self._timing = (self.step, self._synchronized_now())
+        self._paused_s, self._validations_s = 0.0, []
 
     def _timed_step_s(self) -> float:
         """Seconds per optimizer step since `_timing`, validations and checkpoints left out."""
@@ -593,8 +597,10 @@ class Trainer:
             plan = [new.to_dict()]
         broadcast_object_list(plan)  # every rank takes the same number of steps
         self.set_plan(Plan.from_dict(plan[0]))
-        self._timing = None if self.plan.final else (self.step, self._synchronized_now())
-        self._paused_s, self._validations_s = 0.0, []
+        if self.plan.final:
+            self._timing = None  # no more plans: steps, validations and checkpoints are no longer timed
+        else:
+            self._time_from_here()
         bar.total = self.total_steps
         bar.refresh()
         if self.accelerator.is_main_process:
