@@ -16,15 +16,19 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
    unused. And a shared machine's speed drifts: a 30-minute run planned once from a slow minute
    ended 435 s early. So the run re-plans from the steps since its last plan (validations and
    checkpoints left out) at `replan_step`: REPLAN_FACTOR times the warmup, then REPLAN_FACTOR
-   times each re-plan's step (at 60 warmup steps: 240, 960, 3840, ...), while that comes before
-   the middle of what the plan has left; the last plan is `final` (the 5-minute CPU recipe, about
-   2,000 steps, re-plans at 240 and 960). The plan made from the warmup is never final when steps
-   fit to time before its middle: it re-plans there at the latest. A plan prices each
-   validation at what the validations timed since the last plan took (their loader start-up and
-   checkpoint included: twice the estimate from a forward pass, on two CPU cores). Each
-   re-plan changes the schedule's length a little (the cosine's learning rate moves by a few
-   percent). A machine that slows down after the final plan makes the run end late: a plan, not a
-   deadline.
+   times each re-plan's step (at 60 warmup steps: 240, 960, 3840, ...) while that comes before
+   the middle of what the plan has left, then at the middle of what each plan has left while
+   that leaves as many steps to time as the warmup had. The last plan is `final`: fewer than
+   twice the warmup's steps are left after it, with no correction. Without the middles, the
+   5-minute CPU recipe's runs (about 1,000 steps) made their final plan at step 240 and ended
+   up to 63 s late or 73 s early as the machine's speed moved (docs/benchmarks.md). The plan
+   made from the warmup re-plans at its middle while MIN_CALIBRATION_STEPS fit before it. A
+   plan prices each validation at what the validations timed since the last plan took (their
+   loader start-up and checkpoint included: twice the estimate from a forward pass, on two CPU
+   cores), or as the plan before it did if none was.
+   Each re-plan changes the schedule's length a little (the cosine's learning rate moves by a
+   few percent). A machine that slows down after the final plan makes the run end late: a
+   plan, not a deadline.
 4. The plan goes into every checkpoint (and `RUN/plan.json`): a run resumed after the final plan
    keeps it, so it ends at the same step, with the same schedule, as the uninterrupted run would
    have. One resumed before it re-plans at the same step, from its own timing.
@@ -50,7 +54,7 @@ UNTIMED_WARMUP_STEPS = 25
 timed; but at most this many steps, so that a run whose steps are slow learns it soon (EARLY_PLAN_SHARE)."""
 REPLAN_FACTOR = 4
 """A run re-plans at this many times the warmup's steps, then at this many times each re-plan's step (while
-that comes before the middle of what the plan has left)."""
+that comes before the middle of what the plan has left), then at the middles."""
 EARLY_PLAN_SHARE = 0.5
 """A warmup that would end after this share of the budget is not waited for: the run plans once it has timed
 MIN_CALIBRATION_STEPS of the warmup's steps (a slow machine, or a GPU recipe on a CPU, whose warmup alone
@@ -210,13 +214,13 @@ def spent(budget_s: float, elapsed_s: float) -> tuple[bool, str]:
 
 def replan_step(plan: Plan, warmup_steps: int, first: bool = False) -> int:
     """The step at which a run re-plans from its steady speed: REPLAN_FACTOR x the warmup after the first
-    plan, REPLAN_FACTOR x a re-plan's step after it; 0 when that would not come before the middle of what
-    the plan has left: too late to change much, so the plan is final. The `first` plan (made in the warmup,
-    whose steps are slower) is not final while MIN_CALIBRATION_STEPS fit before its middle: it re-plans
-    there at the latest. On a slow CPU a 5-minute plan from the warmup alone left a quarter of the budget
-    unused (docs/benchmarks.md)."""
+    plan, REPLAN_FACTOR x a re-plan's step after it, while that comes before the middle of what the plan has
+    left; then that middle, while it leaves at least as many steps to time as the warmup (MIN_CALIBRATION_STEPS
+    for the `first` plan, made in the warmup, whose steps are slower); else 0: the plan is final. Each plan
+    halves what is left at least, since the budget's time goes on: a handful of plans per run."""
     middle = plan.planned_at_step + (plan.total_steps - plan.planned_at_step) // 2
     at = REPLAN_FACTOR * max(warmup_steps, MIN_CALIBRATION_STEPS, plan.planned_at_step)  # >= 10 steps timed
     if at <= middle:
         return at
-    return middle if first and middle - plan.planned_at_step >= MIN_CALIBRATION_STEPS else 0
+    timed = MIN_CALIBRATION_STEPS if first else max(warmup_steps, MIN_CALIBRATION_STEPS)
+    return middle if middle - plan.planned_at_step >= timed else 0

@@ -564,8 +564,8 @@ class Trainer:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
         every rank that plan. The first one (`eval_s_per_sample` None) times an evaluation forward pass too, which
         prices the test; each plan prices a validation at what those timed since `_timing` took (their loader
-        start-up and checkpoint included), or by that forward pass if none was. A plan that is not final is made
-        again at its `replan_at_step`."""
+        start-up and checkpoint included), else as the plan before priced it, else by that forward pass. A plan that
+        is not final is made again at its `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
 
         plan = [None]
@@ -584,7 +584,13 @@ class Trainer:
                 elapsed_s=budget.process_age(),
                 step_s=step_s,
                 eval_s_per_sample=eval_s_per_sample or self._eval_seconds_per_sample(),
-                validation_s=statistics.fmean(self._validations_s) if self._validations_s else None,
+                validation_s=(
+                    statistics.fmean(self._validations_s)
+                    if self._validations_s
+                    else self.plan.validation_s
+                    if self.plan
+                    else None  # none since the last plan: as it priced
+                ),
                 steps_per_epoch=self.steps_per_epoch,
                 eval_every_steps=self.cfg.train.eval_every_steps,
                 valid_samples=valid_samples,

@@ -81,7 +81,7 @@ def test_a_spent_budget_ends_the_run_at_the_plan_and_says_so():
     assert make_plan(**{**PLAN, "max_steps": 50}).total_steps == 50
 
 
-def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_until_past_the_middle_of_its_plan():
+def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_then_at_the_middles_of_its_plans():
     plan = make_plan(**PLAN)  # at step 20, about 900 steps
     assert plan.total_steps > 400
     assert replan_step(plan, warmup_steps=20) == 80
@@ -89,20 +89,43 @@ def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_until_pa
     second = make_plan(**{**PLAN, "step": 80, "elapsed_s": 45.0})
     assert replan_step(second, warmup_steps=20) == 320  # 4 x the re-plan's step, before the middle
     third = make_plan(**{**PLAN, "step": 320, "elapsed_s": 105.0})
-    assert third.planned_at_step + (third.total_steps - third.planned_at_step) // 2 < 1280
-    assert replan_step(third, warmup_steps=20) == 0  # 4 x 320 is past the middle: final
+    middle = 320 + (third.total_steps - 320) // 2
+    assert middle < 1280  # 4 x 320 is past the middle: the middle instead
+    assert replan_step(third, warmup_steps=20) == middle
+    # the middles go on while they leave as many steps to time as the warmup had; then the plan is final
+    near_end = Plan.from_dict({**third.to_dict(), "planned_at_step": 1000, "total_steps": 1040})
+    assert replan_step(near_end, warmup_steps=20) == 1020
+    assert replan_step(near_end, warmup_steps=21) == 0
     late = (plan.total_steps - 20) // 2 + 20
     assert replan_step(plan, warmup_steps=late // 4) == late // 4 * 4
-    # 4 x the warmup after the middle: the first plan, timed on the warmup's slower steps, re-plans at the middle
-    assert replan_step(plan, warmup_steps=late // 4 + 1, first=True) == late
-    assert replan_step(plan, warmup_steps=late // 4 + 1) == 0  # a re-plan after its middle is final
+    assert replan_step(plan, warmup_steps=late // 4 + 1) == late  # 4 x the warmup after the middle: the middle
+    # the first plan, timed on the warmup's slower steps, re-plans at its middle while MIN_CALIBRATION_STEPS fit
     short = {**plan.to_dict(), "total_steps": 20 + 2 * budget.MIN_CALIBRATION_STEPS}
     assert replan_step(Plan.from_dict(short), warmup_steps=20, first=True) == 20 + budget.MIN_CALIBRATION_STEPS
+    assert replan_step(Plan.from_dict(short), warmup_steps=20) == 0  # a later plan needs a warmup's steps
     shorter = {**short, "total_steps": short["total_steps"] - 1}  # too few steps before the middle to time
     assert replan_step(Plan.from_dict(shorter), warmup_steps=20, first=True) == 0
     first = Plan.from_dict({**plan.to_dict(), "final": False, "replan_at_step": 80})
     assert "re-planned at step 80" in first.describe()
     assert Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("final", "replan_at_step")}).final
+
+
+def test_re_planning_at_the_middles_ends_within_a_handful_of_plans_as_the_clock_runs():
+    """A run whose time goes as its plans said: each plan halves what is left at least, so the plans end before
+    twice the warmup is left, and the last one is final."""
+    warmup, step, elapsed, plans = 20, 20, 30.0, []
+    while True:
+        plan = make_plan(**{**PLAN, "step": step, "elapsed_s": elapsed})
+        at = replan_step(plan, warmup_steps=warmup, first=not plans)
+        plans.append(plan)
+        if not at:
+            break
+        elapsed += plan.step_s * (at - step) + plan.validation_s * (at // 100 - step // 100)
+        step = at
+    assert [p.planned_at_step for p in plans[:3]] == [20, 80, 320]
+    assert 4 <= len(plans) <= 10
+    assert plans[-1].total_steps - plans[-1].planned_at_step < 2 * warmup + 2
+    assert abs(plans[-1].total_steps - plans[0].total_steps) <= 2  # the clock went as planned: the same end
 
 
 def test_the_end_of_a_run_says_what_it_used_and_warns_when_it_overran():
@@ -138,21 +161,43 @@ def shards(tmp_path_factory):
 
 @pytest.fixture
 def fake_clock(monkeypatch):
-    """Every reading 1 s after the last; the process is 5 s old: a plan of 40 - 5 - reserve seconds."""
-    ticks = itertools.count()
-    monkeypatch.setattr(budget, "now", lambda: float(next(ticks)))
-    monkeypatch.setattr(budget, "process_age", lambda: 5.0)
+    """Every reading 1 s after the last; the process is 5 s older than the last reading, so a run ages as its clock
+    runs (with an age that stood still, each plan would find as much time left as the one before, and re-plan at
+    its middle without end). Call the fixture's value to start the clock again, for a second run."""
+    clock = {"t": 0.0}
+
+    def now():
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(budget, "now", now)
+    monkeypatch.setattr(budget, "process_age", lambda: 5.0 + clock["t"])
+    return lambda: clock.update(t=0.0)
+
+
+def assert_chained(plans: list[dict], warmup_steps: int) -> None:
+    """Each plan made at the step the one before named (4 x its step, or the middle of what it had left), only the
+    last final."""
+    assert [p["final"] for p in plans] == [False] * (len(plans) - 1) + [True]
+    for before, after in zip(plans, plans[1:]):
+        at, middle = (
+            before["planned_at_step"],
+            before["planned_at_step"] + (before["total_steps"] - before["planned_at_step"]) // 2,
+        )
+        assert after["planned_at_step"] == before["replan_at_step"] in (4 * max(at, warmup_steps), middle)
+    last = plans[-1]
+    assert last["total_steps"] - last["planned_at_step"] < 2 * max(warmup_steps, budget.MIN_CALIBRATION_STEPS)
 
 
 @pytest.mark.slow
-def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
+def test_a_budgeted_run_re_plans_until_its_plan_is_final_and_a_resumed_run_keeps_that_plan(
     shards, tmp_path, monkeypatch, fake_clock, keep_signal_handlers
 ):
     from histo_dist.experiment import load_experiment
     from histo_dist.preemption import Preempted
     from histo_dist.train import Trainer, train
 
-    def config():  # long enough to re-plan (at 4 x 10 steps, before the middle)
+    def config():  # long enough to re-plan (at 4 x 10 steps, then at middles)
         return load_experiment(
             ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, "train.time_budget=100s"]
         )
@@ -160,11 +205,13 @@ def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
     reference = tmp_path / "reference"
     train(config(), reference)
     plan = json.loads((reference / "plan.json").read_text())
-    first, logged = records(reference, "plan")  # at the end of the warmup, then the final one at 4 x 10 steps
+    plans = records(reference, "plan")  # at the end of the warmup, at 4 x 10 steps, then at middles
+    first, logged = plans[0], plans[-1]
     assert (first["planned_at_step"], first["final"], first["replan_at_step"]) == (10, False, 40)
-    assert {k: logged[k] for k in plan} == plan and logged["step"] == 40
-    assert (plan["planned_at_step"], plan["final"]) == (40, True)
-    assert plan["step_s"] != first["step_s"]  # timed again, over the steps since the first plan
+    assert plans[1]["planned_at_step"] == 40 and len(plans) >= 3
+    assert_chained(plans, warmup_steps=10)
+    assert {k: logged[k] for k in plan} == plan and logged["step"] == plan["planned_at_step"] and plan["final"]
+    assert plans[1]["step_s"] != first["step_s"]  # timed again, over the steps since the first plan
     total = plan["total_steps"]
     assert 80 < total < 10_000 and final_state(reference)["step"] == total  # it ran to the planned step, not 3 epochs
     assert final_state(reference)["plan"] == plan
@@ -172,10 +219,12 @@ def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
     assert lrs[-1] < 0.05 * max(lrs)  # the cosine ends at the planned step
 
     # Preempted after the final plan; the resumed run (whose clock would give another plan) keeps it.
-    stop_at = 40 + (total - 40) // 2
+    stop_at = plan["planned_at_step"] + (total - plan["planned_at_step"]) // 2
+    assert plan["planned_at_step"] < stop_at < total
     real = Trainer.preempted
     monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == stop_at or real(self))
     run_dir = tmp_path / "run"
+    fake_clock()  # the same readings as the reference run's, up to the preemption
     with pytest.raises(Preempted):
         train(config(), run_dir)
     monkeypatch.setattr(Trainer, "preempted", real)
@@ -188,20 +237,22 @@ def test_a_budgeted_run_plans_once_and_a_resumed_run_keeps_the_plan(
 
 
 @pytest.mark.slow
-def test_a_longer_budget_re_plans_at_four_times_each_re_plan_until_one_is_final(shards, tmp_path, fake_clock):
-    """The trainer follows replan_step through three plans or more: each plan is made at the step the one before
-    named, only the last is final, and the run ends at the last one's total."""
+def test_a_longer_budget_re_plans_at_four_times_each_re_plan_then_at_the_middles_until_one_is_final(
+    shards, tmp_path, fake_clock
+):
+    """The trainer follows replan_step through its plans: each plan is made at the step the one before named,
+    4 x its step while that comes before the middle of its plan, then that middle; only the last is final, and the
+    run ends at the last one's total."""
     from histo_dist.experiment import load_experiment
     from histo_dist.train import train
 
-    overrides = ["train.time_budget=50s", "train.eval_every_steps=200", "checkpoint.every_steps=500"]  # ~440 steps
+    overrides = ["train.time_budget=70s", "train.epochs=20", "train.eval_every_steps=200", "checkpoint.every_steps=500"]
     run_dir = tmp_path / "run"
     train(load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, *overrides]), run_dir)
     plans = records(run_dir, "plan")
     assert [p["planned_at_step"] for p in plans[:3]] == [10, 40, 160]
-    assert [p["final"] for p in plans] == [False] * (len(plans) - 1) + [True]
-    for before, after in zip(plans, plans[1:]):
-        assert after["planned_at_step"] == before["replan_at_step"] == 4 * before["planned_at_step"]
+    assert_chained(plans, warmup_steps=10)
+    assert plans[3]["planned_at_step"] == 160 + (plans[2]["total_steps"] - 160) // 2  # 640 is past the middle
     assert final_state(run_dir)["step"] == plans[-1]["total_steps"]
     assert json.loads((run_dir / "plan.json").read_text())["planned_at_step"] == plans[-1]["planned_at_step"]
 
@@ -246,9 +297,13 @@ def test_a_run_resumed_before_its_final_plan_re_plans_at_the_same_step(
         train(config, run_dir)
     assert not final_state(run_dir)["plan"]["final"]
     monkeypatch.setattr(Trainer, "preempted", real)
+    fake_clock()
     train(config, run_dir)
+    plans = records(run_dir, "plan")  # the first run's plan at step 10, then the resumed run's
+    assert [p["planned_at_step"] for p in plans[:2]] == [10, 40]
+    assert_chained(plans, warmup_steps=10)
     plan = json.loads((run_dir / "plan.json").read_text())
-    assert (plan["planned_at_step"], plan["final"]) == (40, True)
+    assert plan["final"] and plan["planned_at_step"] == plans[-1]["planned_at_step"]
     assert final_state(run_dir)["step"] == plan["total_steps"] and final_state(run_dir)["plan"] == plan
 
 
