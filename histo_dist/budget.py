@@ -216,8 +216,9 @@ def replan_step(plan: Plan, warmup_steps: int, first: bool = False) -> int:
     """The step at which a run re-plans from its steady speed: REPLAN_FACTOR x the warmup after the first
     plan, REPLAN_FACTOR x a re-plan's step after it, while that comes before the middle of what the plan has
     left; then that middle, while it leaves at least as many steps to time as the warmup (MIN_CALIBRATION_STEPS
-    for the `first` plan, made in the warmup, whose steps are slower); else 0: the plan is final. Each plan
-    halves what is left at least, since the budget's time goes on: a handful of plans per run."""
+    for the `first` plan, made in the warmup, whose steps are slower); else 0: the plan is final. The clock runs
+    on between plans, so what is left about halves at each: a handful of plans per run (5-7 on a CPU, 5 to 15
+    minutes)."""
     middle = plan.planned_at_step + (plan.total_steps - plan.planned_at_step) // 2
     at = REPLAN_FACTOR * max(warmup_steps, MIN_CALIBRATION_STEPS, plan.planned_at_step)  # >= 10 steps timed
     if at <= middle:
