@@ -25,10 +25,9 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
    made from the warmup re-plans at its middle while MIN_CALIBRATION_STEPS fit before it. A
    plan prices each validation at what the validations timed since the last plan took (their
    loader start-up and checkpoint included: twice the estimate from a forward pass, on two CPU
-   cores), or as the plan before it did if none was.
-   Each re-plan changes the schedule's length a little (the cosine's learning rate moves by a
-   few percent). A machine that slows down after the final plan makes the run end late: a
-   plan, not a deadline.
+   cores), or as the plan before it did if none was. Each re-plan changes the schedule's length
+   a little (the cosine's learning rate moves by a few percent). A machine that slows down after
+   the final plan makes the run end late: a plan, not a deadline.
 4. The plan goes into every checkpoint (and `RUN/plan.json`): a run resumed after the final plan
    keeps it, so it ends at the same step, with the same schedule, as the uninterrupted run would
    have. One resumed before it re-plans at the same step, from its own timing.

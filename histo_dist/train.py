@@ -578,19 +578,16 @@ class Trainer:
             test_samples = (self.manifest.split(test).num_samples // self.world_size if test else 0) + (
                 valid_samples if test and self.cfg.test.threshold_method else 0
             )
+            validation_s = statistics.fmean(self._validations_s) if self._validations_s else None
+            if validation_s is None and self.plan is not None:
+                validation_s = self.plan.validation_s  # no validation since the last plan: price it as that one did
             new = make_plan(
                 budget_s=self.budget_s,
                 step=self.step,
                 elapsed_s=budget.process_age(),
                 step_s=step_s,
                 eval_s_per_sample=eval_s_per_sample or self._eval_seconds_per_sample(),
-                validation_s=(
-                    statistics.fmean(self._validations_s)
-                    if self._validations_s
-                    else self.plan.validation_s
-                    if self.plan
-                    else None  # none since the last plan: as it priced
-                ),
+                validation_s=validation_s,
                 steps_per_epoch=self.steps_per_epoch,
                 eval_every_steps=self.cfg.train.eval_every_steps,
                 valid_samples=valid_samples,

@@ -111,8 +111,8 @@ def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_then_at_
 
 
 def test_re_planning_at_the_middles_ends_within_a_handful_of_plans_as_the_clock_runs():
-    """A run whose time goes as its plans said: each plan halves what is left at least, so the plans end before
-    twice the warmup is left, and the last one is final."""
+    """A run whose time goes as its plans said: what is left halves at each plan, so the plans end before twice
+    the warmup is left, and the last one is final."""
     warmup, step, elapsed, plans = 20, 20, 30.0, []
     while True:
         plan = make_plan(**{**PLAN, "step": step, "elapsed_s": elapsed})
@@ -180,10 +180,8 @@ def assert_chained(plans: list[dict], warmup_steps: int) -> None:
     last final."""
     assert [p["final"] for p in plans] == [False] * (len(plans) - 1) + [True]
     for before, after in zip(plans, plans[1:]):
-        at, middle = (
-            before["planned_at_step"],
-            before["planned_at_step"] + (before["total_steps"] - before["planned_at_step"]) // 2,
-        )
+        at = before["planned_at_step"]
+        middle = at + (before["total_steps"] - at) // 2
         assert after["planned_at_step"] == before["replan_at_step"] in (4 * max(at, warmup_steps), middle)
     last = plans[-1]
     assert last["total_steps"] - last["planned_at_step"] < 2 * max(warmup_steps, budget.MIN_CALIBRATION_STEPS)
