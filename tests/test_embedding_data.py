@@ -117,6 +117,52 @@ def test_memory_loader_resumes_with_exactly_the_remaining_batches(embeddings):
         MemoryLoader(embeddings, "train", cfg, seed=2).load_state_dict(first.state_dict())
 
 
+def memory_steps(embeddings, world: int, accumulation: int, start: dict | None = None) -> list[list[str]]:
+    """The keys each optimizer step of the rest of the epoch trains on, all ranks together (sorted within a step)."""
+    per_rank = []
+    for rank in range(world):
+        loader = MemoryLoader(
+            embeddings,
+            "train",
+            LoaderConfig(batch_size=4),
+            rank=rank,
+            world_size=world,
+            seed=5,
+            accumulation=accumulation,
+        )
+        if start is not None:
+            loader.load_state_dict(start)
+        micro = [b["key"] for b in loader]
+        per_rank.append([sum(micro[i : i + accumulation], []) for i in range(0, len(micro), accumulation)])
+    assert len({len(steps) for steps in per_rank}) == 1  # equal steps on every rank
+    return [sorted(sum(step, [])) for step in zip(*per_rank)]
+
+
+@pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 2), (2, 1)), ((4, 1), (2, 2)), ((1, 4), (4, 1))])
+def test_memory_loader_elastic_resume_continues_with_exactly_the_samples_not_consumed(embeddings, before, after):
+    """Preempted after two optimizer steps on one layout (ranks, accumulation), resumed on another with the same
+    global batch (8 or 16): the remaining steps are those of the uninterrupted run, each sample once in the epoch."""
+    reference = memory_steps(embeddings, *before)
+    world, accumulation = before
+    loaders = [
+        MemoryLoader(
+            embeddings, "train", LoaderConfig(batch_size=4), rank=r, world_size=world, seed=5, accumulation=accumulation
+        )
+        for r in range(world)
+    ]
+    for loader in loaders:
+        it = iter(loader)
+        for _ in range(2 * accumulation):  # two optimizer steps on every rank
+            next(it)
+    states = [loader.state_dict() for loader in loaders]
+    assert all(state == states[0] for state in states)  # the state says nothing of the rank: any rank's resumes
+    resumed = memory_steps(embeddings, *after, start=states[0])
+    global_batch = 4 * world * accumulation
+    assert resumed == reference[2:] and len(reference) == 100 // global_batch
+    trained = [k for step in reference[:2] + resumed for k in step]
+    assert len(trained) == len(set(trained)) == len(reference) * global_batch
+
+
 def test_write_shard_without_metadata_writes_no_json(tmp_path):
     info = write_shard(
         tmp_path / "train-000000.tar", ["train_000000000"], np.zeros((1, 4), np.float16), [1], None, "npy", 2
