@@ -279,6 +279,42 @@ def test_compact_models_take_any_patch_size_and_scale_with_width_and_depth(name)
     assert trainable and all(n.startswith(("net.stages.1", "net.fc")) for n in trainable), trainable
 
 
+@pytest.mark.parametrize("name", ["compact_cnn", "compact_resnet"])
+def test_a_strided_stem_runs_the_stages_on_a_larger_input_at_the_smaller_ones_resolution(name):
+    """model.stem_stride=2 on 64 px: every stage sees the feature maps that stride 1 sees on 32 px (the recipe's
+    cost), with the same parameters; the stem's filters see every pixel of the larger input."""
+    plain = build_model(ModelConfig(name=name, width=8, depths=(1, 1)), 2).eval()
+    strided = build_model(ModelConfig(name=name, width=8, depths=(1, 1), stem_stride=2), 2).eval()
+    assert strided.net.stem[0].stride == (2, 2) and plain.net.stem[0].stride == (1, 1)
+    assert [p.shape for p in strided.parameters()] == [p.shape for p in plain.parameters()]
+    with torch.no_grad():
+        for side in (64, 96):
+            assert (
+                strided.net.stem(torch.randn(2, 3, side, side)).shape
+                == plain.net.stem(torch.randn(2, 3, side // 2, side // 2)).shape
+            )
+            assert strided(torch.randn(2, 3, side, side)).shape == (2, 1)
+        images = torch.randn(1, 3, 64, 64)
+        shifted = images.clone()
+        shifted[..., 1::2, 1::2] += 1.0  # pixels a stride-2 sampling without overlap would miss
+        assert not torch.equal(strided.net.stem(images), strided.net.stem(shifted))
+    assert (
+        build_model(ModelConfig(name="compact_cnn", width=8, stem_stride=3), 2)
+        .net.stem(torch.randn(1, 3, 96, 96))
+        .shape[-1]
+        == 32
+    )
+
+
+def test_stem_stride_is_checked():
+    assert ModelConfig(name="compact_cnn", stem_stride=3).validate() == []
+    for stride in (0, 4):
+        (problem,) = ModelConfig(name="compact_cnn", stem_stride=stride).validate()
+        assert problem == f"stem_stride: must be in [1, 3], got {stride}"
+    (problem,) = ModelConfig(name="resnet18", stem_stride=2).validate()
+    assert problem == "stem_stride: is for compact_cnn and compact_resnet, not resnet18; leave it at 1"
+
+
 # ---------------------------------------------------------------------------------------------
 # model.stem_init=whiten
 
