@@ -17,6 +17,17 @@ from histo_dist.manifest import Manifest, SplitInfo, sample_key, shard_name
 from histo_dist.shards import write_shard
 
 
+def global_steps(rank_loaders, accumulation: int) -> list[list[str]]:
+    """The keys each optimizer step of the rest of the epoch trains on, all ranks' loaders together (sorted
+    within a step); asserts that every rank takes the same number of steps."""
+    per_rank = []
+    for loader in rank_loaders:
+        micro = [b["key"] for b in loader]
+        per_rank.append([sum(micro[i : i + accumulation], []) for i in range(0, len(micro), accumulation)])
+    assert len({len(steps) for steps in per_rank}) == 1  # equal steps on every rank
+    return [sorted(sum(step, [])) for step in zip(*per_rank)]
+
+
 def label_of(index: int) -> int:
     return (index * 7 + 3) % 3 % 2
 

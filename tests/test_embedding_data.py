@@ -14,7 +14,7 @@ from histo_dist.loader import LoaderConfig, MemoryLoader, ShardLoader, split_loa
 from histo_dist.manifest import Manifest, ManifestError
 from histo_dist.shards import write_shard
 from histo_dist.verify import verify_dataset
-from tests.shard_data import embedding_of, label_of, make_embedding_dataset, rewrite_shard
+from tests.shard_data import embedding_of, global_steps, label_of, make_embedding_dataset, rewrite_shard
 
 SIZES = {"train": [40, 33, 27], "valid": [25, 12]}
 
@@ -119,23 +119,15 @@ def test_memory_loader_resumes_with_exactly_the_remaining_batches(embeddings):
 
 def memory_steps(embeddings, world: int, accumulation: int, start: dict | None = None) -> list[list[str]]:
     """The keys each optimizer step of the rest of the epoch trains on, all ranks together (sorted within a step)."""
-    per_rank = []
-    for rank in range(world):
-        loader = MemoryLoader(
-            embeddings,
-            "train",
-            LoaderConfig(batch_size=4),
-            rank=rank,
-            world_size=world,
-            seed=5,
-            accumulation=accumulation,
-        )
+
+    def loader(rank: int) -> MemoryLoader:
+        cfg = LoaderConfig(batch_size=4)
+        loader = MemoryLoader(embeddings, "train", cfg, rank=rank, world_size=world, seed=5, accumulation=accumulation)
         if start is not None:
             loader.load_state_dict(start)
-        micro = [b["key"] for b in loader]
-        per_rank.append([sum(micro[i : i + accumulation], []) for i in range(0, len(micro), accumulation)])
-    assert len({len(steps) for steps in per_rank}) == 1  # equal steps on every rank
-    return [sorted(sum(step, [])) for step in zip(*per_rank)]
+        return loader
+
+    return global_steps((loader(rank) for rank in range(world)), accumulation)
 
 
 @pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 2), (2, 1)), ((4, 1), (2, 2)), ((1, 4), (4, 1))])

@@ -20,7 +20,7 @@ from histo_dist.errors import HistoDistError
 from histo_dist.loader import LoaderConfig, ShardLoader, TrainOrder, eval_plan, shard_order, steps_per_epoch
 from histo_dist.manifest import Manifest, sample_key
 from histo_dist.shards import ShardError, write_shard
-from tests.shard_data import encoded_image, label_of, make_dataset
+from tests.shard_data import encoded_image, global_steps, label_of, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +92,16 @@ def epoch_steps(
     start: dict | None = None,
 ) -> list[list[str]]:
     """The keys each optimizer step trains on, all ranks together (sorted within a step)."""
-    per_rank = []
-    for rank in range(world):
+
+    def loader(rank: int) -> ShardLoader:
         cfg = LoaderConfig(batch_size=batch, num_workers=workers, shuffle_buffer=32)
         loader = ShardLoader(dataset, "train", cfg, rank=rank, world_size=world, seed=seed, accumulation=accumulation)
         loader.set_epoch(epoch)
         if start is not None:
             loader.load_state_dict(start)
-        micro = [b["key"] for b in loader]
-        per_rank.append([sum(micro[i : i + accumulation], []) for i in range(0, len(micro), accumulation)])
-    assert len({len(steps) for steps in per_rank}) == 1  # equal steps on every rank
-    return [sorted(sum(step, [])) for step in zip(*per_rank)]
+        return loader
+
+    return global_steps((loader(rank) for rank in range(world)), accumulation)
 
 
 @pytest.mark.parametrize("world,workers,accumulation", [(1, 0, 4), (2, 2, 2), (4, 3, 1), (1, 3, 4)])
