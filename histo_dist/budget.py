@@ -8,7 +8,8 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
 2. At the end of the warmup (or earlier, when the warmup would end after EARLY_PLAN_SHARE of the
    budget: then as soon as MIN_CALIBRATION_STEPS of its steps are timed), rank 0 times the steps it
    took (after the first quarter of them, at most UNTIMED_WARMUP_STEPS: start-up, first windows and
-   kernel selection are not throughput) and one evaluation forward pass, and plans: the steps that
+   kernel selection are not throughput) and an evaluation batch (its preparation and the model's
+   forward pass apart: TTA prepares a batch once and passes 8 views of it), and plans: the steps that
    fit in what is left of the budget once the validations, the final test (with TTA if asked) and a
    safety margin are paid for. Every rank gets the same plan.
 3. Warmup steps are often slower than later ones (loader queues filling, allocator and kernel
@@ -118,7 +119,8 @@ class Plan:
     step_s: float
     """Measured seconds per optimizer step."""
     eval_s_per_sample: float
-    """Measured seconds per evaluated sample on one rank (one view; TTA costs 8)."""
+    """Measured seconds per evaluated sample on one rank: its input prepared (resized, normalised) and one view
+    through the model."""
     validations: int
     """Validations the plan pays for after the warmup (the one after the last step included)."""
     validation_s: float
@@ -127,6 +129,10 @@ class Plan:
     final: bool = True
     """False for the first plan of a run that re-plans at `replan_at_step`."""
     replan_at_step: int = 0
+    view_s_per_sample: float | None = None
+    """Measured seconds per sample of the model's forward pass alone: what each TTA view after the first adds
+    (the input is prepared once). None in plans made before it was measured: a view then costs
+    `eval_s_per_sample`."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,18 +170,21 @@ def make_plan(
     valid_samples: int,
     test_samples: int,
     test_views: int,
+    view_s_per_sample: float | None = None,
     max_steps: int = 0,
     validation_s: float | None = None,
 ) -> Plan:
     """The most optimizer steps that fit: what is left of the budget, minus the validations they bring
     (at every epoch end, or every `eval_every_steps`, and after the last step), minus the final test
-    (`test_samples`, the threshold's pass over the validation split included, each `test_views` times),
-    minus a reserve. Sample counts are per rank. `validation_s`, what a validation was measured to take, replaces
-    its estimate from `eval_s_per_sample`. A pure function of its inputs. A budget already spent gives a plan that
+    (`test_samples`, the threshold's pass over the validation split included: each prepared once and seen
+    `test_views` times, each view after the first at `view_s_per_sample`, the forward pass alone), minus a
+    reserve. Sample counts are per rank. `validation_s`, what a validation was measured to take, replaces its
+    estimate from `eval_s_per_sample`. A pure function of its inputs. A budget already spent gives a plan that
     ends here (total_steps == step): the run goes straight to its test."""
     if validation_s is None:
         validation_s = valid_samples * eval_s_per_sample
-    test_s = test_samples * test_views * eval_s_per_sample
+    view_s = eval_s_per_sample if view_s_per_sample is None else view_s_per_sample
+    test_s = test_samples * (eval_s_per_sample + (test_views - 1) * view_s)
     reserve_s = FIXED_RESERVE_S + SAFETY_FRACTION * budget_s
     available = budget_s - elapsed_s - test_s - reserve_s
     every = eval_every_steps or steps_per_epoch
@@ -193,7 +202,17 @@ def make_plan(
     if max_steps:
         total = min(total, max(max_steps, step))
     return Plan(
-        budget_s, step, total, elapsed_s, step_s, eval_s_per_sample, validations(total), validation_s, test_s, reserve_s
+        budget_s,
+        step,
+        total,
+        elapsed_s,
+        step_s,
+        eval_s_per_sample,
+        validations(total),
+        validation_s,
+        test_s,
+        reserve_s,
+        view_s_per_sample=view_s_per_sample,
     )
 
 

@@ -520,12 +520,12 @@ class Trainer:
                 return
             early = self.step == self._timing[0] + budget.MIN_CALIBRATION_STEPS < warmup  # the same on every rank
             if self.step >= warmup or (early and self._warmup_outlasts_budget()):
-                self.plan_run(run_log, bar, eval_s_per_sample=None)
+                self.plan_run(run_log, bar)
             return
         if self._timing is None:  # resumed between two plans
             self._time_from_here()
         if self.step == self.plan.replan_at_step:
-            self.plan_run(run_log, bar, eval_s_per_sample=self.plan.eval_s_per_sample)
+            self.plan_run(run_log, bar)
 
     def _time_from_here(self) -> None:
         """Time the budget's steps from this one: pauses and validations before it no longer count."""
@@ -560,10 +560,10 @@ class Trainer:
         broadcast_object_list(answer)
         return answer[0]
 
-    def plan_run(self, run_log: RunLog, bar, eval_s_per_sample: float | None) -> None:
+    def plan_run(self, run_log: RunLog, bar) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
-        every rank that plan. The first one (`eval_s_per_sample` None) times an evaluation forward pass too, which
-        prices the test; each plan prices a validation at what those timed since `_timing` took (their loader
+        every rank that plan. The first one times an evaluation batch too, which prices the test (later ones keep
+        that price); each plan prices a validation at what those timed since `_timing` took (their loader
         start-up and checkpoint included), else as the plan before priced it, else by that forward pass. A plan that
         is not final is made again at its `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
@@ -581,12 +581,17 @@ class Trainer:
             validation_s = statistics.fmean(self._validations_s) if self._validations_s else None
             if validation_s is None and self.plan is not None:
                 validation_s = self.plan.validation_s  # no validation since the last plan: price it as that one did
+            if self.plan is None:
+                eval_s, view_s = self._eval_seconds_per_sample()
+            else:
+                eval_s, view_s = self.plan.eval_s_per_sample, self.plan.view_s_per_sample
             new = make_plan(
                 budget_s=self.budget_s,
                 step=self.step,
                 elapsed_s=budget.process_age(),
                 step_s=step_s,
-                eval_s_per_sample=eval_s_per_sample or self._eval_seconds_per_sample(),
+                eval_s_per_sample=eval_s,
+                view_s_per_sample=view_s,
                 validation_s=validation_s,
                 steps_per_epoch=self.steps_per_epoch,
                 eval_every_steps=self.cfg.train.eval_every_steps,
@@ -622,9 +627,12 @@ class Trainer:
         return budget.now()
 
     @torch.no_grad()
-    def _eval_seconds_per_sample(self) -> float:
-        """One rank's seconds per sample of an evaluation forward pass (the better of two timed passes over
-        a batch of random patches), with a quarter more for reading and gathering."""
+    def _eval_seconds_per_sample(self) -> tuple[float, float]:
+        """One rank's seconds per evaluated sample: (its input prepared and one view through the model, the
+        model's forward pass alone), each the better of two timings on a batch of random patches, with a quarter
+        more for reading and gathering. A TTA view costs only the forward pass: on two CPU cores the 96 -> 64 px
+        resize and normalisation cost half the forward pass, and priced once per view they made a 300 s run's
+        test look half again as long as it was."""
         model = self.inference_model()
         n, shape = self.cfg.loader.eval_batch_size, self.manifest.image_shape
         generator = torch.Generator().manual_seed(0)
@@ -634,13 +642,16 @@ class Trainer:
             h, w, c = shape
             images = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=generator)
         images = images.to(self.device)
-        best = math.inf
+        prepare, forward = math.inf, math.inf
         for _ in range(2):
             start = self._synchronized_now()
             with self.accelerator.autocast():
-                model.probabilities(model.inputs(images))
-            best = min(best, self._synchronized_now() - start)
-        return best / n * 1.25
+                x = model.inputs(images)
+                prepared = self._synchronized_now()
+                model.probabilities(x)
+            end = self._synchronized_now()
+            prepare, forward = min(prepare, prepared - start), min(forward, end - prepared)
+        return (prepare + forward) / n * 1.25, forward / n * 1.25
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def cost(plan, total: int) -> float:
         {},
         {"eval_every_steps": 7},
         {"test_views": 8},
+        {"test_views": 8, "view_s_per_sample": 0.0004},
+        {"view_s_per_sample": 0.0004},
         {"step_s": 0.013},
         {"valid_samples": 0},
         {"budget_s": 3600.0, "elapsed_s": 500.0},
@@ -64,7 +66,8 @@ def test_the_plan_is_the_most_steps_that_fit(change):
     plan = make_plan(**{**PLAN, **change})
     p = {**PLAN, **change}
     available = p["budget_s"] - p["elapsed_s"] - plan.test_s - plan.reserve_s
-    assert plan.test_s == pytest.approx(p["test_samples"] * p["test_views"] * p["eval_s_per_sample"])
+    view_s = p.get("view_s_per_sample") or p["eval_s_per_sample"]  # each view after the first
+    assert plan.test_s == pytest.approx(p["test_samples"] * (p["eval_s_per_sample"] + (p["test_views"] - 1) * view_s))
     assert plan.total_steps > p["step"]
     assert cost(change, plan.total_steps) <= available < cost(change, plan.total_steps + 1)
     assert plan.validations == (
@@ -72,6 +75,16 @@ def test_the_plan_is_the_most_steps_that_fit(change):
         if not p["valid_samples"]
         else math.ceil(plan.total_steps / (p["eval_every_steps"] or 100)) - p["step"] // (p["eval_every_steps"] or 100)
     )
+
+
+def test_tta_views_are_priced_at_the_forward_pass_alone_the_input_prepared_once():
+    per_view = make_plan(**{**PLAN, "test_views": 8})  # a plan made before the forward pass was timed apart
+    forward_only = make_plan(**{**PLAN, "test_views": 8, "view_s_per_sample": 0.0004})
+    assert per_view.test_s == pytest.approx(40.0)  # 5,000 samples x 8 views x 1 ms
+    assert forward_only.test_s == pytest.approx(19.0)  # 5,000 x (1 ms + 7 x 0.4 ms)
+    # the 21 s saved train 84 more steps at 0.25 s, less 10 for the validation (2.5 s) they bring
+    assert forward_only.total_steps == per_view.total_steps + 84 - 10
+    assert Plan.from_dict(forward_only.to_dict()).view_s_per_sample == 0.0004
 
 
 def test_a_spent_budget_ends_the_run_at_the_plan_and_says_so():
@@ -107,7 +120,8 @@ def test_a_run_re_plans_at_four_warmups_then_at_four_times_each_re_plan_then_at_
     assert replan_step(Plan.from_dict(shorter), warmup_steps=20, first=True) == 0
     first = Plan.from_dict({**plan.to_dict(), "final": False, "replan_at_step": 80})
     assert "re-planned at step 80" in first.describe()
-    assert Plan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("final", "replan_at_step")}).final
+    older = {k: v for k, v in plan.to_dict().items() if k not in ("final", "replan_at_step", "view_s_per_sample")}
+    assert Plan.from_dict(older).final and Plan.from_dict(older).view_s_per_sample is None  # a plan.json from before
 
 
 def test_re_planning_at_the_middles_ends_within_a_handful_of_plans_as_the_clock_runs():
@@ -244,7 +258,7 @@ def test_a_longer_budget_re_plans_at_four_times_each_re_plan_then_at_the_middles
     from histo_dist.experiment import load_experiment
     from histo_dist.train import train
 
-    overrides = ["train.time_budget=70s", "train.epochs=20", "train.eval_every_steps=200", "checkpoint.every_steps=500"]
+    overrides = ["train.time_budget=80s", "train.epochs=20", "train.eval_every_steps=200", "checkpoint.every_steps=500"]
     run_dir = tmp_path / "run"
     train(load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, *overrides]), run_dir)
     plans = records(run_dir, "plan")
@@ -265,7 +279,10 @@ def test_a_first_plan_past_its_middle_re_plans_there_pricing_validations_as_meas
     from histo_dist.train import train
 
     run_dir = tmp_path / "run"
-    train(load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE]), run_dir)
+    train(
+        load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, "train.time_budget=52s"]),
+        run_dir,
+    )
     first, second, *more = records(run_dir, "plan")
     middle = 10 + (first["total_steps"] - 10) // 2
     assert middle < 40  # 4 x the warmup: the first plan would have been final
@@ -276,6 +293,9 @@ def test_a_first_plan_past_its_middle_re_plans_there_pricing_validations_as_meas
     assert first["validation_s"] == second["validation_s"] == 1.0
     assert 1.0 != pytest.approx(valid_samples * first["eval_s_per_sample"])  # what the forward pass would say
     assert second["eval_s_per_sample"] == first["eval_s_per_sample"]
+    # each reading of the fake clock is a second: the input's preparation and the forward pass are timed apart
+    assert first["view_s_per_sample"] == pytest.approx(first["eval_s_per_sample"] / 2)
+    assert second["view_s_per_sample"] == first["view_s_per_sample"]
     assert final_state(run_dir)["step"] == second["total_steps"]
 
 
