@@ -42,8 +42,13 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
+# Two pytest workers, each taking whole files (--dist loadfile: a file's module fixtures, such as a reference
+# run or a SLURM cluster, are made once). Most slow tests wait on processes they started, so serially the suite
+# kept only about one of two cores busy: on 2 cores it took 18 min 11 s serially and 13 min 21 s so
+# (docs/benchmarks.md). `pytest` alone still runs serially, for debugging one test.
+TEST_WORKERS ?= 2
 test: venv lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) $(DEMO)
