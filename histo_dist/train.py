@@ -562,8 +562,8 @@ class Trainer:
 
     def plan_run(self, run_log: RunLog, bar) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
-        every rank that plan. The first one times an evaluation batch too, which prices the test (later ones keep
-        that price); each plan prices a validation at what those timed since `_timing` took (their loader
+        every rank that plan. Each times an evaluation batch too, and the least of those timings so far prices the
+        test; each plan prices a validation at what those timed since `_timing` took (their loader
         start-up and checkpoint included), else as the plan before priced it, else by that forward pass. A plan that
         is not final is made again at its `replan_at_step`."""
         from accelerate.utils import broadcast_object_list
@@ -581,10 +581,13 @@ class Trainer:
             validation_s = statistics.fmean(self._validations_s) if self._validations_s else None
             if validation_s is None and self.plan is not None:
                 validation_s = self.plan.validation_s  # no validation since the last plan: price it as that one did
-            if self.plan is None:
-                eval_s, view_s = self._eval_seconds_per_sample()
-            else:
-                eval_s, view_s = self.plan.eval_s_per_sample, self.plan.view_s_per_sample
+            # The test's price: the least of an evaluation batch's timings at every plan so far. One timing can be
+            # slowed for its second by the loader's worker or the machine; one at step 60 priced a 300 s run's test
+            # at 38 s, and it took 19. Each later plan times one pass (about half a second on two CPU cores).
+            eval_s, view_s = self._eval_seconds_per_sample(passes=2 if self.plan is None else 1)
+            if self.plan is not None:
+                eval_s = min(eval_s, self.plan.eval_s_per_sample)
+                view_s = min(view_s, self.plan.view_s_per_sample or math.inf)
             new = make_plan(
                 budget_s=self.budget_s,
                 step=self.step,
@@ -627,12 +630,11 @@ class Trainer:
         return budget.now()
 
     @torch.no_grad()
-    def _eval_seconds_per_sample(self) -> tuple[float, float]:
+    def _eval_seconds_per_sample(self, passes: int) -> tuple[float, float]:
         """One rank's seconds per evaluated sample: (its input prepared and one view through the model, the
-        model's forward pass alone), each the better of two timings on a batch of random patches, with a quarter
-        more for reading and gathering. A TTA view costs only the forward pass: on two CPU cores the 96 -> 64 px
-        resize and normalisation cost half the forward pass, and priced once per view they made a 300 s run's
-        test look half again as long as it was."""
+        model's forward pass alone), each the least of `passes` timings on a batch of random patches, with a
+        quarter more for reading and gathering. A TTA view costs only the forward pass: the test prepares each
+        batch once (the 96 -> 64 px resize and normalisation: a fifth of a forward pass on two CPU cores)."""
         model = self.inference_model()
         n, shape = self.cfg.loader.eval_batch_size, self.manifest.image_shape
         generator = torch.Generator().manual_seed(0)
@@ -643,7 +645,7 @@ class Trainer:
             images = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=generator)
         images = images.to(self.device)
         prepare, forward = math.inf, math.inf
-        for _ in range(2):
+        for _ in range(passes):
             start = self._synchronized_now()
             with self.accelerator.autocast():
                 x = model.inputs(images)

@@ -250,18 +250,33 @@ def test_a_budgeted_run_re_plans_until_its_plan_is_final_and_a_resumed_run_keeps
 
 @pytest.mark.slow
 def test_a_longer_budget_re_plans_at_four_times_each_re_plan_then_at_the_middles_until_one_is_final(
-    shards, tmp_path, fake_clock
+    shards, tmp_path, monkeypatch, fake_clock
 ):
     """The trainer follows replan_step through its plans: each plan is made at the step the one before named,
     4 x its step while that comes before the middle of its plan, then that middle; only the last is final, and the
     run ends at the last one's total."""
     from histo_dist.experiment import load_experiment
-    from histo_dist.train import train
+    from histo_dist.train import Trainer, train
 
+    # Each plan times an evaluation batch (two passes at the first, one after); the test is priced at the least of
+    # the timings so far. The fake clock times every pass alike: scale them so that one is slow and one is fast.
+    timed, real = [], Trainer._eval_seconds_per_sample
+
+    def scaled(self, passes):
+        factor = {1: 0.5, 2: 2.0}.get(len(timed), 1.0)  # the second plan's timing fast, the third's slow
+        timed.append((passes, *(factor * seconds for seconds in real(self, passes))))
+        return timed[-1][1:]
+
+    monkeypatch.setattr(Trainer, "_eval_seconds_per_sample", scaled)
     overrides = ["train.time_budget=80s", "train.epochs=20", "train.eval_every_steps=200", "checkpoint.every_steps=500"]
     run_dir = tmp_path / "run"
     train(load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, *overrides]), run_dir)
     plans = records(run_dir, "plan")
+    assert [passes for passes, *_ in timed] == [2] + [1] * (len(plans) - 1)
+    for i, p in enumerate(plans):
+        assert p["eval_s_per_sample"] == min(eval_s for _, eval_s, _ in timed[: i + 1])
+        assert p["view_s_per_sample"] == min(view_s for *_, view_s in timed[: i + 1])
+    assert plans[2]["eval_s_per_sample"] == plans[1]["eval_s_per_sample"] < plans[0]["eval_s_per_sample"]
     assert [p["planned_at_step"] for p in plans[:3]] == [10, 40, 160]
     assert_chained(plans, warmup_steps=10)
     assert plans[3]["planned_at_step"] == 160 + (plans[2]["total_steps"] - 160) // 2  # 640 is past the middle
