@@ -178,18 +178,24 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 # Schedule
 
 
-def lr_factor(cfg: ScheduleConfig, total_steps: int, step: int) -> float:
-    """Multiplier of the configured lr after `step` optimizer steps (constant, cosine, step, onecycle)."""
+def lr_factor(cfg: ScheduleConfig, total_steps: int, step: int, warmup_end: int | None = None) -> float:
+    """Multiplier of the configured lr after `step` optimizer steps (constant, cosine, step, onecycle).
+
+    `warmup_end`, when it comes before `cfg.warmup_steps`, cuts the warmup there: a time budget too short for the
+    whole warmup (budget.py). The ramp up to it is the configured one, and the schedule proper then starts from
+    the ramp's next value instead of the full lr (a cosine decays from it), so no step before the cut changes."""
     warmup = cfg.warmup_steps
-    if step < warmup:
+    end = warmup if warmup_end is None else min(warmup, warmup_end)
+    if step < end:
         return (step + 1) / (warmup + 1)
+    peak = min(1.0, (end + 1) / (warmup + 1))  # 1.0 after a whole warmup
     if cfg.name == "constant":
-        return 1.0
+        return peak
     if cfg.name == "step":
-        return cfg.gamma ** ((step - warmup) // cfg.step_size)
+        return peak * cfg.gamma ** ((step - end) // cfg.step_size)
     if cfg.name == "cosine":
-        # (max: a time budget can end a run at the end of its warmup, or inside it)
-        return _cosine(1.0, cfg.min_lr_ratio, (step - warmup) / max(1, total_steps - warmup))
+        # (max: a time budget can end a run at the end of its warmup)
+        return _cosine(peak, min(peak, cfg.min_lr_ratio), (step - end) / max(1, total_steps - end))
     if cfg.name == "onecycle":
         rise = max(1, round(cfg.pct_start * total_steps))
         if step < rise:
@@ -236,12 +242,13 @@ class LRSchedule:
         self.scheduler = build_scheduler(optimizer, cfg, total_steps)
         self.per_validation = cfg.name == "plateau"
 
-    def set_total_steps(self, total_steps: int) -> None:
-        """The run's length, once a time budget's plan knows it. The factors of the steps taken so far (the
-        warmup) do not depend on it."""
+    def set_total_steps(self, total_steps: int, warmup_end: int | None = None) -> None:
+        """The run's length, once a time budget's plan knows it, and where its warmup ends if the plan cut it
+        (`lr_factor`). The factors of the steps taken so far (the warmup) do not depend on either."""
         if isinstance(self.scheduler, LambdaLR):
             self.scheduler.lr_lambdas = [
-                functools.partial(lr_factor, self.cfg, total_steps) for _ in self.scheduler.lr_lambdas
+                functools.partial(lr_factor, self.cfg, total_steps, warmup_end=warmup_end)
+                for _ in self.scheduler.lr_lambdas
             ]
 
     def after_optimizer_step(self) -> None:

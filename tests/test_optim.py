@@ -140,6 +140,23 @@ def test_a_cosine_cut_at_its_warmup_by_a_time_budget_still_has_a_learning_rate()
     assert lr_factor(cfg, 6, 6) == pytest.approx(7 / 11)  # or inside it: still the warmup's ramp
 
 
+def test_a_warmup_cut_by_a_time_budget_keeps_its_ramp_then_decays_from_where_it_got():
+    from histo_dist.optim import lr_factor
+
+    cfg = ScheduleConfig(name="cosine", warmup_steps=60, min_lr_ratio=0.1)
+    cut = [lr_factor(cfg, 46, s, warmup_end=25) for s in range(47)]
+    assert cut[:25] == [lr_factor(cfg, 46, s) for s in range(25)]  # the steps before the cut keep their lr
+    assert cut[25] == pytest.approx(26 / 61)  # the ramp's next value, where the decay starts (not a jump to 1)
+    assert all(b < a for a, b in zip(cut[25:46], cut[26:47]))  # decaying, not rising, to the last step
+    assert cut[46] == pytest.approx(0.1)  # the floor: min_lr_ratio, below where the ramp got
+    low = ScheduleConfig(name="cosine", warmup_steps=60, min_lr_ratio=0.9)
+    assert lr_factor(low, 46, 46, warmup_end=25) == pytest.approx(26 / 61)  # a floor above the peak: held there
+    assert lr_factor(cfg, 46, 30, warmup_end=60) == lr_factor(cfg, 46, 30)  # a cut at the warmup's end: none
+    assert lr_factor(ScheduleConfig(name="constant", warmup_steps=60), 46, 40, warmup_end=25) == pytest.approx(26 / 61)
+    step = ScheduleConfig(name="step", warmup_steps=60, step_size=5, gamma=0.5)
+    assert lr_factor(step, 46, 30, warmup_end=25) == pytest.approx(26 / 61 * 0.5)
+
+
 def test_step_decays_every_step_size_after_warmup():
     lrs = [g[0] for g in run(ScheduleConfig(name="step", warmup_steps=3, step_size=5, gamma=0.5), 20)]
     assert lrs[3:8] == pytest.approx([LR] * 5)
