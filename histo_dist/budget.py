@@ -5,13 +5,14 @@ corrects that plan from its steady speed at growing intervals, and keeps it:
 
 1. During the learning-rate warmup (`schedule.warmup_steps`, at least `MIN_CALIBRATION_STEPS`) it
    trains as usual; the warmup's learning rates do not depend on the run's length.
-2. At the end of the warmup (or earlier, when the warmup would end after EARLY_PLAN_SHARE of the
-   budget: then as soon as MIN_CALIBRATION_STEPS of its steps are timed), rank 0 times the steps it
-   took (after the first quarter of them, at most UNTIMED_WARMUP_STEPS: start-up, first windows and
-   kernel selection are not throughput) and an evaluation batch (its preparation and the model's
-   forward pass apart: TTA prepares a batch once and passes 8 views of it), and plans: the steps that
-   fit in what is left of the budget once the validations, the final test (with TTA if asked) and a
-   safety margin are paid for. Every rank gets the same plan.
+2. As soon as MIN_CALIBRATION_STEPS of the warmup's steps are timed (or at its end, if that comes
+   first), rank 0 times the steps it took (after the first quarter of them, at most
+   UNTIMED_WARMUP_STEPS: start-up, first windows and kernel selection are not throughput) and an
+   evaluation batch (its preparation and the model's forward pass apart: TTA prepares a batch once and
+   passes 8 views of it), and plans: the steps that fit in what is left of the budget once the
+   validations, the final test (with TTA if asked) and a safety margin are paid for. Every rank gets
+   the same plan. A warmup longer than MAX_WARMUP_SHARE of the planned steps is cut (`cut_warmup`), so
+   that a short budget's learning rate decays instead of rising to its last step.
 3. Warmup steps are often slower than later ones (loader queues filling, allocator and kernel
    caches warming): on two CPU cores a plan from them alone left a tenth of a 5-minute budget
    unused. And a shared machine's speed drifts: a 30-minute run planned once from a slow minute
@@ -51,14 +52,15 @@ from histo_dist.errors import HistoDistError
 MIN_CALIBRATION_STEPS = 10
 UNTIMED_WARMUP_STEPS = 25
 """The warmup's first quarter is start-up (compilation, loader queues, allocator), not throughput, and is not
-timed; but at most this many steps, so that a run whose steps are slow learns it soon (EARLY_PLAN_SHARE)."""
+timed; but at most this many steps, so that a run whose steps are slow (a GPU recipe's warmup on a CPU can
+outlast the budget many times) plans soon."""
 REPLAN_FACTOR = 4
 """A run re-plans at this many times the warmup's steps, then at this many times each re-plan's step (while
 that comes before the middle of what the plan has left), then at the middles."""
-EARLY_PLAN_SHARE = 0.5
-"""A warmup that would end after this share of the budget is not waited for: the run plans once it has timed
-MIN_CALIBRATION_STEPS of the warmup's steps (a slow machine, or a GPU recipe on a CPU, whose warmup alone
-could outlast the budget many times)."""
+MAX_WARMUP_SHARE = 0.5
+"""A run whose first plan (made inside its warmup) finds the warmup longer than this share of its planned steps cuts
+the warmup there (or at once, if that is past): the learning rate then decays from where its ramp got. Uncut, a
+warmup that outlasts the run leaves the learning rate rising until the last step (docs/benchmarks.md)."""
 SAFETY_FRACTION = 0.03
 """Of the budget, kept back for what the plan cannot see: noise in step times, process exit."""
 FIXED_RESERVE_S = 6.0
@@ -133,6 +135,9 @@ class Plan:
     """Measured seconds per sample of the model's forward pass alone: what each TTA view after the first adds
     (the input is prepared once). None in plans made before it was measured: a view then costs
     `eval_s_per_sample`."""
+    warmup_end: int | None = None
+    """The step where the schedule's warmup ends, when the run's first plan cut it (`cut_warmup`); None: the
+    configured warmup. Kept by every later plan."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +155,8 @@ class Plan:
             )
         train_s = (self.total_steps - self.planned_at_step) * self.step_s
         then = f" (for now: re-planned at step {self.replan_at_step} from the steady speed)" if not self.final else ""
+        if self.warmup_end is not None:
+            then += f", the warmup cut at step {self.warmup_end} to leave steps to decay in"
         return (
             f"time budget {self.budget_s:.0f} s: {self.total_steps} optimizer steps{then} "
             f"({self.elapsed_s:.0f} s spent at step {self.planned_at_step}; {train_s:.0f} s of training at "
@@ -214,6 +221,16 @@ def make_plan(
         reserve_s,
         view_s_per_sample=view_s_per_sample,
     )
+
+
+def cut_warmup(step: int, total_steps: int, warmup_steps: int) -> int | None:
+    """Where a run planned at `step` for `total_steps` ends its warmup of `warmup_steps`: at MAX_WARMUP_SHARE of
+    its steps, or at `step` if that is past (the steps taken keep their learning rates); None when the warmup
+    fits in that share, or when the plan ends at `step` (a budget already spent)."""
+    if total_steps <= step:
+        return None
+    end = max(step, int(MAX_WARMUP_SHARE * total_steps))
+    return end if end < warmup_steps else None
 
 
 def spent(budget_s: float, elapsed_s: float) -> tuple[bool, str]:

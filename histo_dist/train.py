@@ -518,8 +518,9 @@ class Trainer:
                 if self.step >= min(max(untimed, self.resumed_at + 1), warmup - 1) or self.step == warmup:
                     self._time_from_here()
                 return
-            early = self.step == self._timing[0] + budget.MIN_CALIBRATION_STEPS < warmup  # the same on every rank
-            if self.step >= warmup or (early and self._warmup_outlasts_budget()):
+            # The first plan comes as soon as MIN_CALIBRATION_STEPS are timed, inside the warmup: a budget too short
+            # for the warmup learns it in time to cut it (budget.cut_warmup), and a slow machine soon knows how slow.
+            if self.step >= warmup or self.step == self._timing[0] + budget.MIN_CALIBRATION_STEPS:
                 self.plan_run(run_log, bar)
             return
         if self._timing is None:  # resumed between two plans
@@ -536,29 +537,6 @@ class Trainer:
         """Seconds per optimizer step since `_timing`, validations and checkpoints left out."""
         start_step, start = self._timing
         return (self._synchronized_now() - start - self._paused_s) / max(1, self.step - start_step)
-
-    def _warmup_outlasts_budget(self) -> bool:
-        """Would the warmup, at the speed timed so far, end after EARLY_PLAN_SHARE of the budget? Rank 0's answer,
-        given to every rank (a collective: every rank calls this at the same step)."""
-        from accelerate.utils import broadcast_object_list
-
-        answer = [False]
-        if self.accelerator.is_main_process:
-            step_s = self._timed_step_s()
-            warmup_end_s = budget.process_age() + (self.cfg.schedule.warmup_steps - self.step) * step_s
-            answer = [warmup_end_s > budget.EARLY_PLAN_SHARE * self.budget_s]
-            if answer[0]:
-                log.warning(
-                    "schedule.warmup_steps=%d would take until %.0f s of the %.0f s time budget (%.2f s/step): "
-                    "planning the run now, at step %d; give fewer warmup steps for a full warmup and decay",
-                    self.cfg.schedule.warmup_steps,
-                    warmup_end_s,
-                    self.budget_s,
-                    step_s,
-                    self.step,
-                )
-        broadcast_object_list(answer)
-        return answer[0]
 
     def plan_run(self, run_log: RunLog, bar) -> None:
         """Plan from the steps timed since `_timing` (validations and checkpoints left out) on rank 0, and give
@@ -604,6 +582,22 @@ class Trainer:
                 max_steps=self.cfg.train.max_steps,
             )
             new.replan_at_step = replan_step(new, self.cfg.schedule.warmup_steps, first=self.plan is None)
+            # A warmup longer than half the run would leave few steps to decay in: the first plan cuts it (the
+            # 1-minute runs of the CPU recipe ended at or inside their 60-step warmup, the learning rate still high).
+            warmup = self.cfg.schedule.warmup_steps
+            new.warmup_end = budget.cut_warmup(self.step, new.total_steps, warmup) if self.plan is None else None
+            if new.warmup_end is not None:
+                log.warning(
+                    "schedule.warmup_steps=%d is more than half of the %d optimizer steps that fit in the %.0f s time "
+                    "budget: the warmup ends at step %d, and the learning rate decays from there; give fewer warmup "
+                    "steps or a larger budget for a whole warmup",
+                    warmup,
+                    new.total_steps,
+                    self.budget_s,
+                    new.warmup_end,
+                )
+            elif self.plan is not None:
+                new.warmup_end = self.plan.warmup_end  # a cut, once made, holds: the steps after it have decayed
             new.final = not new.replan_at_step
             plan = [new.to_dict()]
         broadcast_object_list(plan)  # every rank takes the same number of steps
@@ -622,7 +616,7 @@ class Trainer:
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
         self.total_steps = plan.total_steps
-        self.schedule.set_total_steps(plan.total_steps)
+        self.schedule.set_total_steps(plan.total_steps, plan.warmup_end)
 
     def _synchronized_now(self) -> float:
         if self.device.type == "cuda":

@@ -1,5 +1,5 @@
 """Time budgets: the plan is the most steps that fit, re-made from the steady speed at growing intervals, made
-early when the warmup would outlast half the budget, a run keeps its final plan across a resume (bitwise), and
+inside the warmup (cutting a warmup longer than half the run), a run keeps its final plan across a resume (bitwise), and
 every rank follows rank 0's plan."""
 
 from __future__ import annotations
@@ -147,6 +147,18 @@ def test_the_end_of_a_run_says_what_it_used_and_warns_when_it_overran():
     overran, message = budget.spent(300.0, 326.2)
     assert overran and message.startswith("time budget 300 s overrun: the run took 326 s, 26 s more.")
     assert "train.time_budget" in message
+
+
+def test_a_warmup_longer_than_half_the_planned_run_is_cut_there_or_at_once():
+    assert budget.cut_warmup(step=25, total_steps=46, warmup_steps=60) == 25  # half is past: at once
+    assert budget.cut_warmup(step=25, total_steps=80, warmup_steps=60) == 40  # at half the planned steps
+    assert budget.cut_warmup(step=25, total_steps=120, warmup_steps=60) is None  # the warmup fits in half
+    assert budget.cut_warmup(step=60, total_steps=100, warmup_steps=60) is None  # planned at its end: nothing to cut
+    assert budget.cut_warmup(step=25, total_steps=25, warmup_steps=60) is None  # a spent budget: no steps to decay
+    assert Plan.from_dict({**make_plan(**PLAN).to_dict(), "warmup_end": 7}).warmup_end == 7
+    old = make_plan(**PLAN).to_dict()
+    del old["warmup_end"]  # a plan.json written before the field
+    assert Plan.from_dict(old).warmup_end is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,15 +353,16 @@ def test_a_run_resumed_before_its_final_plan_re_plans_at_the_same_step(
 
 
 @pytest.mark.slow
-def test_a_warmup_that_would_outlast_half_the_budget_is_not_waited_for(shards, tmp_path, monkeypatch, caplog):
+def test_a_run_plans_inside_its_warmup_once_ten_steps_are_timed(shards, tmp_path, monkeypatch, caplog):
     """A GPU recipe's 100-step warmup on a slow machine: planned once 10 of its steps are timed (at 25 + 10),
-    not at its end; that first plan re-plans at its middle, and the run ends at the second plan."""
+    not at its end; that first plan re-plans at its middle, and the run ends at the second plan. Its warmup, more
+    than half of the run, is cut (with a warning; the next test follows the cut); one that fits is kept whole."""
     from histo_dist.experiment import load_experiment
     from histo_dist.train import train
 
     ticks = itertools.count()
     monkeypatch.setattr(budget, "now", lambda: float(next(ticks)))  # >= 0.1 s per step timed
-    monkeypatch.setattr(budget, "process_age", lambda: 25.0)  # the warmup would end after 25 + 65 x 0.1 > 30 s
+    monkeypatch.setattr(budget, "process_age", lambda: 25.0)  # 35 s left: about 60 steps
     overrides = [f"data.shards={shards}", *BASE, "train.time_budget=60s", "schedule.warmup_steps=100"]
     run_dir = tmp_path / "run"
     with caplog.at_level("WARNING", logger="histo_dist.train"):
@@ -361,15 +374,80 @@ def test_a_warmup_that_would_outlast_half_the_budget_is_not_waited_for(shards, t
     assert {k: plan[k] for k in written} == written
     assert final_state(run_dir)["step"] == plan["total_steps"]
     assert (
-        "schedule.warmup_steps=100 would take until" in caplog.text
-        and "planning the run now, at step 35" in caplog.text
+        f"schedule.warmup_steps=100 is more than half of the {first['total_steps']} optimizer steps" in caplog.text
+        and f"the warmup ends at step {first['warmup_end']}" in caplog.text
     )
 
-    # With a budget the warmup fits in, the same run waits for the warmup's end.
+    # With a budget the warmup fits in, the same run plans at the same step and keeps its whole warmup.
+    caplog.clear()
     monkeypatch.setattr(budget, "process_age", lambda: 5.0)
     overrides[-2] = "train.time_budget=1000s"
-    train(load_experiment(ROOT / "configs/cpu_test.yaml", [*overrides, "train.max_steps=120"]), tmp_path / "long")
-    assert records(tmp_path / "long", "plan")[0]["planned_at_step"] == 100
+    with caplog.at_level("WARNING", logger="histo_dist.train"):
+        train(load_experiment(ROOT / "configs/cpu_test.yaml", [*overrides, "train.max_steps=210"]), tmp_path / "long")
+    first = records(tmp_path / "long", "plan")[0]
+    assert first["planned_at_step"] == 35 and first["warmup_end"] is None and "warmup ends" not in caplog.text
+    lrs = [r["lr"] for r in records(tmp_path / "long", "train")]
+    assert max(lrs) == pytest.approx(load_experiment(ROOT / "configs/cpu_test.yaml", overrides).optim.lr)
+
+
+@pytest.mark.slow
+def test_a_warmup_cut_by_an_early_plan_decays_to_the_end_and_a_resumed_run_keeps_the_cut(
+    shards, tmp_path, monkeypatch, keep_signal_handlers
+):
+    """The plan at step 35 above finds its 100-step warmup longer than half of its run: it cuts the warmup (at half the
+    planned steps, or at once), the later plan keeps the cut, the learning rate decays from where the ramp got to
+    the last step, and a run preempted after the final plan resumes onto the same weights (the cut is in the
+    checkpoint's plan)."""
+    from histo_dist.experiment import load_experiment
+    from histo_dist.preemption import Preempted
+    from histo_dist.train import Trainer, train
+
+    def config():
+        overrides = ["train.time_budget=60s", "schedule.warmup_steps=100"]
+        return load_experiment(ROOT / "configs/cpu_test.yaml", [f"data.shards={shards}", *BASE, *overrides])
+
+    def start_clock():
+        ticks = itertools.count()
+        monkeypatch.setattr(budget, "now", lambda: float(next(ticks)))
+
+    monkeypatch.setattr(budget, "process_age", lambda: 25.0)  # as above: planned at step 35
+    start_clock()
+    reference = tmp_path / "reference"
+    train(config(), reference)
+    first, plan = records(reference, "plan")
+    cut = first["warmup_end"]
+    assert first["planned_at_step"] == 35 and cut == max(35, first["total_steps"] // 2) < 100
+    assert plan["warmup_end"] == cut and plan["final"]  # kept by the re-plan, whatever its length
+    total = plan["total_steps"]
+    lrs = {r["step"]: r["lr"] for r in records(reference, "train")}
+
+    def lrs_between(start: int, end: int) -> list[float]:
+        return [lrs[s] for s in sorted(lrs) if start < s <= end]
+
+    ramp = lrs_between(0, cut)
+    assert ramp == sorted(ramp) and len(ramp) > 10
+    # Falling from the cut to the re-plan and from there to the end (the re-plan's longer cosine lifts it once).
+    for decay in lrs_between(cut, plan["planned_at_step"]), lrs_between(plan["planned_at_step"], total):
+        assert decay == sorted(decay, reverse=True) and len(decay) >= 3
+    assert max(lrs.values()) < config().optim.lr  # the full lr is never reached: the decay starts from the ramp
+    assert lrs[total] < 0.05 * max(lrs.values())  # and ends at the last step
+
+    # Preempted after the final plan, resumed with a clock that would plan otherwise: the same weights.
+    stop_at = (plan["planned_at_step"] + total) // 2
+    assert plan["planned_at_step"] < stop_at < total
+    real = Trainer.preempted
+    monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == stop_at or real(self))
+    run_dir = tmp_path / "run"
+    start_clock()  # the same readings as the reference run's, up to the preemption
+    with pytest.raises(Preempted):
+        train(config(), run_dir)
+    monkeypatch.setattr(Trainer, "preempted", real)
+    monkeypatch.setattr(budget, "now", lambda: 0.0)
+    train(config(), run_dir)
+    a, b = final_state(reference), final_state(run_dir)
+    assert a["step"] == b["step"] == total
+    for key in a["model"]:
+        assert a["model"][key].equal(b["model"][key]), key
 
 
 @pytest.mark.slow
