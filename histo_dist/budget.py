@@ -156,7 +156,7 @@ class Plan:
         train_s = (self.total_steps - self.planned_at_step) * self.step_s
         then = f" (for now: re-planned at step {self.replan_at_step} from the steady speed)" if not self.final else ""
         if self.warmup_end is not None:
-            then += f", the warmup cut at step {self.warmup_end} to leave steps to decay in"
+            then += f", its warmup cut at step {self.warmup_end}"
         return (
             f"time budget {self.budget_s:.0f} s: {self.total_steps} optimizer steps{then} "
             f"({self.elapsed_s:.0f} s spent at step {self.planned_at_step}; {train_s:.0f} s of training at "
