@@ -453,7 +453,8 @@ def test_a_warmup_cut_by_an_early_plan_decays_to_the_end_and_a_resumed_run_keeps
 @pytest.mark.slow
 def test_two_ranks_follow_rank_0s_plan(shards, tmp_path):
     """With real clocks on two processes: the same number of steps on both (a difference would hang DDP). A warmup
-    of 24 steps is timed from step 6; both ranks ask rank 0 at step 16 whether to plan early (no), then plan at 24."""
+    of 24 steps is timed from step 6; both ranks take rank 0's plan at step 16, which cuts the warmup there (24 is
+    more than half of the 30 steps that max_steps allows): the cut is in the plan both follow."""
     run_dir = tmp_path / "run"
     overrides = [*BASE, "train.time_budget=120s", "train.max_steps=30", "train.deterministic=false"]
     out = run(
@@ -462,6 +463,7 @@ def test_two_ranks_follow_rank_0s_plan(shards, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     plan = json.loads((run_dir / "plan.json").read_text())
-    assert plan["total_steps"] == 30 and final_state(run_dir)["step"] == 30 and plan["planned_at_step"] == 24
+    assert plan["total_steps"] == 30 and final_state(run_dir)["step"] == 30 and plan["planned_at_step"] == 16
+    assert plan["warmup_end"] == 16 and final_state(run_dir)["plan"] == plan
     assert "time budget 120 s: 30 optimizer steps" in out.stderr
     assert out.stderr.count("time budget 120 s: the run took ") == 1  # rank 0 says how much it used, once
