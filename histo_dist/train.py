@@ -588,9 +588,9 @@ class Trainer:
             new.warmup_end = budget.cut_warmup(self.step, new.total_steps, warmup) if self.plan is None else None
             if new.warmup_end is not None:
                 log.warning(
-                    "schedule.warmup_steps=%d is more than half of the %d optimizer steps that fit in the %.0f s time "
-                    "budget: the warmup ends at step %d, and the learning rate decays from there; give fewer warmup "
-                    "steps or a larger budget for a whole warmup",
+                    "schedule.warmup_steps=%d is more than half of the %d optimizer steps planned for the %.0f s "
+                    "time budget: the warmup ends at step %d, and the learning rate decays from there; give fewer "
+                    "warmup steps or a larger budget for a whole warmup",
                     warmup,
                     new.total_steps,
                     self.budget_s,

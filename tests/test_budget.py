@@ -374,7 +374,8 @@ def test_a_run_plans_inside_its_warmup_once_ten_steps_are_timed(shards, tmp_path
     assert {k: plan[k] for k in written} == written
     assert final_state(run_dir)["step"] == plan["total_steps"]
     assert (
-        f"schedule.warmup_steps=100 is more than half of the {first['total_steps']} optimizer steps" in caplog.text
+        f"schedule.warmup_steps=100 is more than half of the {first['total_steps']} optimizer steps planned"
+        in caplog.text
         and f"the warmup ends at step {first['warmup_end']}" in caplog.text
     )
 
