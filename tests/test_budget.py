@@ -213,13 +213,37 @@ def assert_chained(plans: list[dict], warmup_steps: int) -> None:
     assert last["total_steps"] - last["planned_at_step"] < 2 * max(warmup_steps, budget.MIN_CALIBRATION_STEPS)
 
 
+def assert_resumed_after_the_final_plan_bitwise(monkeypatch, config, reference, run_dir, restart_clock) -> None:
+    """Run `config()` again into `run_dir`, preempted halfway from `reference`'s final plan to its end (the clock
+    restarted, so its readings are the reference run's up to there), and resume it with a clock that would plan
+    otherwise: it keeps the checkpoint's plan, and ends at the same step with the same weights."""
+    from histo_dist.preemption import Preempted
+    from histo_dist.train import Trainer, train
+
+    plan = json.loads((reference / "plan.json").read_text())
+    total = plan["total_steps"]
+    stop_at = (plan["planned_at_step"] + total) // 2
+    assert plan["planned_at_step"] < stop_at < total
+    real = Trainer.preempted
+    monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == stop_at or real(self))
+    restart_clock()
+    with pytest.raises(Preempted):
+        train(config(), run_dir)
+    monkeypatch.setattr(Trainer, "preempted", real)
+    monkeypatch.setattr(budget, "now", lambda: 0.0)  # a plan made now would differ (or fail)
+    train(config(), run_dir)
+    a, b = final_state(reference), final_state(run_dir)
+    assert a["step"] == b["step"] == total
+    for key in a["model"]:
+        assert a["model"][key].equal(b["model"][key]), key
+
+
 @pytest.mark.slow
 def test_a_budgeted_run_re_plans_until_its_plan_is_final_and_a_resumed_run_keeps_that_plan(
     shards, tmp_path, monkeypatch, fake_clock, keep_signal_handlers
 ):
     from histo_dist.experiment import load_experiment
-    from histo_dist.preemption import Preempted
-    from histo_dist.train import Trainer, train
+    from histo_dist.train import train
 
     def config():  # long enough to re-plan (at 4 x 10 steps, then at middles)
         return load_experiment(
@@ -243,21 +267,7 @@ def test_a_budgeted_run_re_plans_until_its_plan_is_final_and_a_resumed_run_keeps
     assert lrs[-1] < 0.05 * max(lrs)  # the cosine ends at the planned step
 
     # Preempted after the final plan; the resumed run (whose clock would give another plan) keeps it.
-    stop_at = plan["planned_at_step"] + (total - plan["planned_at_step"]) // 2
-    assert plan["planned_at_step"] < stop_at < total
-    real = Trainer.preempted
-    monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == stop_at or real(self))
-    run_dir = tmp_path / "run"
-    fake_clock()  # the same readings as the reference run's, up to the preemption
-    with pytest.raises(Preempted):
-        train(config(), run_dir)
-    monkeypatch.setattr(Trainer, "preempted", real)
-    monkeypatch.setattr(budget, "now", lambda: 0.0)  # a plan made now would differ (or fail)
-    train(config(), run_dir)
-    a, b = final_state(reference), final_state(run_dir)
-    assert a["step"] == b["step"] == total
-    for key in a["model"]:
-        assert a["model"][key].equal(b["model"][key]), key
+    assert_resumed_after_the_final_plan_bitwise(monkeypatch, config, reference, tmp_path / "run", fake_clock)
 
 
 @pytest.mark.slow
@@ -400,8 +410,7 @@ def test_a_warmup_cut_by_an_early_plan_decays_to_the_end_and_a_resumed_run_keeps
     the last step, and a run preempted after the final plan resumes onto the same weights (the cut is in the
     checkpoint's plan)."""
     from histo_dist.experiment import load_experiment
-    from histo_dist.preemption import Preempted
-    from histo_dist.train import Trainer, train
+    from histo_dist.train import train
 
     def config():
         overrides = ["train.time_budget=60s", "schedule.warmup_steps=100"]
@@ -434,21 +443,7 @@ def test_a_warmup_cut_by_an_early_plan_decays_to_the_end_and_a_resumed_run_keeps
     assert lrs[total] < 0.05 * max(lrs.values())  # and ends at the last step
 
     # Preempted after the final plan, resumed with a clock that would plan otherwise: the same weights.
-    stop_at = (plan["planned_at_step"] + total) // 2
-    assert plan["planned_at_step"] < stop_at < total
-    real = Trainer.preempted
-    monkeypatch.setattr(Trainer, "preempted", lambda self: self.step == stop_at or real(self))
-    run_dir = tmp_path / "run"
-    start_clock()  # the same readings as the reference run's, up to the preemption
-    with pytest.raises(Preempted):
-        train(config(), run_dir)
-    monkeypatch.setattr(Trainer, "preempted", real)
-    monkeypatch.setattr(budget, "now", lambda: 0.0)
-    train(config(), run_dir)
-    a, b = final_state(reference), final_state(run_dir)
-    assert a["step"] == b["step"] == total
-    for key in a["model"]:
-        assert a["model"][key].equal(b["model"][key]), key
+    assert_resumed_after_the_final_plan_bitwise(monkeypatch, config, reference, tmp_path / "run", start_clock)
 
 
 @pytest.mark.slow
