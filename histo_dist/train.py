@@ -584,20 +584,21 @@ class Trainer:
             new.replan_at_step = replan_step(new, self.cfg.schedule.warmup_steps, first=self.plan is None)
             # A warmup longer than half the run would leave few steps to decay in: the first plan cuts it (the
             # 1-minute runs of the CPU recipe ended at or inside their 60-step warmup, the learning rate still high).
-            warmup = self.cfg.schedule.warmup_steps
-            new.warmup_end = budget.cut_warmup(self.step, new.total_steps, warmup) if self.plan is None else None
-            if new.warmup_end is not None:
-                log.warning(
-                    "schedule.warmup_steps=%d is more than half of the %d optimizer steps planned for the %.0f s "
-                    "time budget: the warmup ends at step %d, and the learning rate decays from there; give fewer "
-                    "warmup steps or a larger budget for a whole warmup",
-                    warmup,
-                    new.total_steps,
-                    self.budget_s,
-                    new.warmup_end,
-                )
-            elif self.plan is not None:
+            if self.plan is not None:
                 new.warmup_end = self.plan.warmup_end  # a cut, once made, holds: the steps after it have decayed
+            else:
+                warmup = self.cfg.schedule.warmup_steps
+                new.warmup_end = budget.cut_warmup(self.step, new.total_steps, warmup)
+                if new.warmup_end is not None:
+                    log.warning(
+                        "schedule.warmup_steps=%d is more than half of the %d optimizer steps planned for the %.0f s "
+                        "time budget: the warmup ends at step %d, and the learning rate decays from there; give "
+                        "fewer warmup steps or a larger budget for a whole warmup",
+                        warmup,
+                        new.total_steps,
+                        self.budget_s,
+                        new.warmup_end,
+                    )
             new.final = not new.replan_at_step
             plan = [new.to_dict()]
         broadcast_object_list(plan)  # every rank takes the same number of steps
