@@ -94,10 +94,6 @@ class Manifest:
         return self.dtype != "uint8"
 
     @property
-    def extension(self) -> str:
-        return CODEC_EXTENSIONS[self.codec]
-
-    @property
     def total_samples(self) -> int:
         return sum(s.num_samples for s in self.splits.values())
 

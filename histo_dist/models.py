@@ -729,9 +729,8 @@ def make_deterministic(model: nn.Module) -> nn.Module:
 class Classifier(nn.Module):
     """A registry network with its new head; `train()` keeps frozen batch norms in eval mode."""
 
-    def __init__(self, name: str, net: nn.Module, head_path: str):
+    def __init__(self, net: nn.Module, head_path: str):
         super().__init__()
-        self.arch_name = name
         self.net = net
         self.head_path = head_path
 
@@ -798,7 +797,7 @@ def build_model(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...]
     net.set_submodule(head, Head(nn.Dropout(cfg.dropout), nn.Linear(old_head.in_features, num_outputs(num_classes))))
     if cfg.pretrained and not arch.loads_weights:
         _load_backbone(net, cfg.name, cfg.pretrained)
-    model = Classifier(cfg.name, net, head)
+    model = Classifier(net, head)
     if cfg.init_from:
         _init_from(model, cfg, num_classes)
     if cfg.freeze != "none" and not (cfg.pretrained or cfg.init_from):

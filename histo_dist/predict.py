@@ -80,7 +80,6 @@ class PredictConfig(InferenceOptions):
 class Batches:
     kind: str
     count: int
-    has_labels: bool
     batches: Iterator[tuple[list[str], torch.Tensor, torch.Tensor | None]]
 
 
@@ -126,7 +125,7 @@ def _images(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
                 images.append(_sized(image, model, cfg.resize, str(f)))
             yield [str(f.relative_to(root)) for f in chunk], torch.cat(images), None
 
-    return Batches("image files", len(files), False, batches())
+    return Batches("image files", len(files), batches())
 
 
 def _h5(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
@@ -166,7 +165,7 @@ def _h5(path: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
                     None if labels is None else labels[start:stop],
                 )
 
-    return Batches("PCam h5 rows", shape[0], labels is not None, batches())
+    return Batches("PCam h5 rows", shape[0], batches())
 
 
 def _shards(root: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
@@ -185,7 +184,7 @@ def _shards(root: Path, cfg: PredictConfig, model: InferenceModel) -> Batches:
         for batch in loader:
             yield batch["key"], _sized(batch["image"], model, cfg.resize, str(root)), batch["label"]
 
-    return Batches(f"samples of split {cfg.split!r}", info.num_samples, True, batches())
+    return Batches(f"samples of split {cfg.split!r}", info.num_samples, batches())
 
 
 # ---------------------------------------------------------------------------------------------

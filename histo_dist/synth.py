@@ -43,8 +43,6 @@ import numpy as np
 from histo_dist.errors import HistoDistError
 from histo_dist.files import atomic_path, check_output
 
-HELP = "write a synthetic PCam-format dataset (H&E-like patches, no download needed)"
-
 SPLITS = ("train", "valid", "test")
 PATCH = 96
 """PCam patch side, in pixels."""
