@@ -2,6 +2,7 @@
 
     python benchmarks/time_to_quality.py                       # 300 s each, seed 0, shared real PCam
     python benchmarks/time_to_quality.py --seeds 0,1,2 --curve 60,300,900,1800 --out ttq.json
+    python benchmarks/time_to_quality.py --baseline-seeds "" --seeds 0,1,2 --config A.yaml --config B.yaml
 
 Both sides get the same data, the same budget for their whole command (process start to exit, imports
 included) and the same CPU threads:
@@ -18,6 +19,10 @@ Data: --data is an ImageFolder tree with train/ and valid/ (and test/ if it has 
 test split of a PCam HDF5 folder (default ../shared/data/pcam-real-2k) when --data has none. Prints
 test AUROC, accuracy, images/s and epochs of both, the difference, and with --curve our recipe's
 AUROC against budgets. Figures go in docs/benchmarks.md.
+
+With --config given more than once, the configs run interleaved, seed by seed (A, B, A, B, ...), so that a
+slower stretch of the machine falls on both alike; each gets its row, and every config after the first its
+difference to the first, seed by seed, in best validation AUROC: the figure a recipe change is kept by.
 """
 
 from __future__ import annotations
@@ -215,8 +220,10 @@ def run_seed(tree: Path, budget: float, seed: int, work: Path, env: dict[str, st
     return {**json.loads(out.read_text()), "wall_s": wall}
 
 
-def run_ours(shards: Path, budget: float, seed: int, work: Path, env: dict[str, str], config: str) -> dict:
-    run_dir = work / f"ours-{budget:.0f}s-seed{seed}"
+def run_ours(
+    shards: Path, budget: float, seed: int, work: Path, env: dict[str, str], config: str, name: str = "ours"
+) -> dict:
+    run_dir = work / f"{name}-{budget:.0f}s-seed{seed}"
     wall = timed(
         [
             sys.executable,
@@ -244,6 +251,7 @@ def run_ours(shards: Path, budget: float, seed: int, work: Path, env: dict[str, 
 
     batch = load_experiment(run_dir / "config.yaml").loader.batch_size
     speeds = [r["images_per_s"] for r in records if r["kind"] == "train"][1:]  # the first includes start-up
+    valid = [r["auroc"] for r in records if r["kind"] == "valid"]
     best = metrics.get("tta", metrics)
     return {
         "auroc": metrics["auroc"],
@@ -255,23 +263,37 @@ def run_ours(shards: Path, budget: float, seed: int, work: Path, env: dict[str, 
         "images_per_s": statistics.median(speeds) if speeds else float("nan"),
         "epochs": plan["total_steps"] * batch / train_size,
         "train_images": plan["total_steps"] * batch,
+        "best_valid_auroc": max(valid) if valid else float("nan"),
         "wall_s": wall,
         "run_dir": str(run_dir),
+        "config": config,
+        "seed": seed,
     }
 
 
-def summary(rows: list[dict], key: str) -> str:
+def summary(rows: list[dict], key: str, digits: int = 3) -> str:
     values = [r[key] for r in rows]
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(name: str, rows: list[dict], auroc: str, accuracy: str) -> str:
     mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    valid = summary(rows, "best_valid_auroc", 4) if "best_valid_auroc" in rows[0] else "-"
     return (
         f"| {name} | {mean('wall_s'):.0f} s | {mean('images_per_s'):.0f} | {mean('epochs'):.1f} | "
-        f"{summary(rows, auroc)} | {summary(rows, accuracy)} |"
+        f"{valid} | {summary(rows, auroc)} | {summary(rows, accuracy)} |"
+    )
+
+
+def paired_difference(rows: list[dict], base: list[dict]) -> str:
+    """Best validation AUROC of `rows` less `base`'s, seed by seed (both in seed order)."""
+    diffs = [r["best_valid_auroc"] - b["best_valid_auroc"] for r, b in zip(rows, base)]
+    higher = sum(d > 0 for d in diffs)
+    return (
+        f"best valid AUROC {' / '.join(f'{d:+.4f}' for d in diffs)} (seeds {', '.join(str(r['seed']) for r in rows)}; "
+        f"mean {statistics.mean(diffs):+.4f}, higher on {higher} of {len(diffs)})"
     )
 
 
@@ -289,7 +311,12 @@ def main() -> None:
         "--baseline-seeds", default="0", help="seeds of the seed's workflow ('' skips it: e.g. a curve point alone)"
     )
     parser.add_argument("--curve", default="", help="comma-separated budgets (s) for our recipe's AUROC curve")
-    parser.add_argument("--config", default="configs/pcam_fast_cpu.yaml")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="our recipe's config (default configs/pcam_fast_cpu.yaml); give it again to compare configs, "
+        "interleaved seed by seed (the curve takes the first)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/histo-dist-ttq"))
     parser.add_argument("--out", type=Path, help="write every figure as JSON here")
@@ -298,6 +325,10 @@ def main() -> None:
     if args.seed_workflow:
         return seed_workflow(args.seed_workflow, args.budget, int(args.seeds), args.out)
 
+    configs = args.config or ["configs/pcam_fast_cpu.yaml"]
+    names = ["ours"] if len(configs) == 1 else [Path(c).stem for c in configs]
+    if len(set(names)) != len(names):
+        parser.error(f"--config: the run directories are named by file name, and these repeat one: {configs}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     args.work.mkdir(parents=True, exist_ok=True)
     tree, shards = prepare(args.data, args.test if args.test and args.test.exists() else None, args.work)
@@ -306,13 +337,21 @@ def main() -> None:
     print(f"time to quality: {args.budget:.0f} s per command, {args.threads} threads, data {args.data}")
     baseline_seeds = [int(s) for s in args.baseline_seeds.split(",") if s]
     results["seed_workflow"] = [run_seed(tree, args.budget, s, args.work, env) for s in baseline_seeds]
-    results["ours"] = [run_ours(shards, args.budget, s, args.work, env, args.config) for s in seeds]
-    ours, theirs = results["ours"], results["seed_workflow"]
-    lines = ["| what | wall | images/s | epochs | test AUROC | test accuracy |", "|---|---|---|---|---|---|"]
+    runs = [run_ours(shards, args.budget, s, args.work, env, c, n) for s in seeds for c, n in zip(configs, names)]
+    by_config = {c: [r for r in runs if r["config"] == c] for c in configs}
+    results["ours"] = runs
+    ours, theirs = by_config[configs[0]], results["seed_workflow"]
+    lines = [
+        "| what | wall | images/s | epochs | best valid AUROC | test AUROC | test accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     if theirs:
         lines.append(table("seed's workflow (p >= 0.5)", theirs, "auroc", "accuracy"))
-    lines.append(table("histo-dist fast CPU recipe", ours, "auroc_reported", "accuracy_reported"))
+    for config, rows in by_config.items():
+        lines.append(table(f"histo-dist, {config}", rows, "auroc_reported", "accuracy_reported"))
     print("\n".join(lines))
+    for config, rows in list(by_config.items())[1:]:
+        print(f"{config} against {configs[0]}: {paired_difference(rows, ours)}")
     if theirs:
         gain = statistics.mean(r["auroc_reported"] for r in ours) - statistics.mean(r["auroc"] for r in theirs)
         speed = statistics.mean(r["images_per_s"] for r in ours) / statistics.mean(r["images_per_s"] for r in theirs)
@@ -325,7 +364,7 @@ def main() -> None:
         print("\n| budget | test AUROC | test accuracy | epochs |\n|---|---|---|---|")
         for b in (float(v) for v in args.curve.split(",")):
             row = next((r for r in ours if b == args.budget), None) or run_ours(
-                shards, b, seeds[0], args.work, env, args.config
+                shards, b, seeds[0], args.work, env, configs[0]
             )
             results["curve"].append({"budget_s": b, **row})
             auroc, accuracy = row["auroc_reported"], row["accuracy_reported"]
