@@ -328,16 +328,14 @@ def main() -> None:
     from histo_dist.config import ConfigError
     from histo_dist.experiment import load_experiment
 
-    configs = args.config or [str(ROOT / "configs" / "pcam_fast_cpu.yaml")]
+    # Absolute paths: the runs' working directory is ROOT, not ours.
+    configs = [str(Path(c).resolve()) for c in args.config or [ROOT / "configs" / "pcam_fast_cpu.yaml"]]
     names = ["ours"] if len(configs) == 1 else [Path(c).stem for c in configs]
     if len(set(names)) != len(names):
         parser.error(f"--config: the run directories are named by file name, and these repeat one: {configs}")
-    paths = {c: str(Path(c).resolve()) for c in configs}  # the runs' working directory is ROOT, not ours
-    for path in paths.values():  # a bad config fails now, not after the runs before it
-        if not Path(path).is_file():
-            parser.error(f"--config {path}: no such file")
+    for config in configs:  # a missing or invalid config fails now, not after the runs before it
         try:
-            load_experiment(path)
+            load_experiment(config)
         except ConfigError as e:
             parser.error(str(e))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
@@ -348,10 +346,8 @@ def main() -> None:
     print(f"time to quality: {args.budget:.0f} s per command, {args.threads} threads, data {args.data}")
     baseline_seeds = [int(s) for s in args.baseline_seeds.split(",") if s]
     results["seed_workflow"] = [run_seed(tree, args.budget, s, args.work, env) for s in baseline_seeds]
-    runs = [
-        run_ours(shards, args.budget, s, args.work, env, paths[c], n) for s in seeds for c, n in zip(configs, names)
-    ]
-    by_config = {c: [r for r in runs if r["config"] == paths[c]] for c in configs}
+    runs = [run_ours(shards, args.budget, s, args.work, env, c, n) for s in seeds for c, n in zip(configs, names)]
+    by_config = {c: [r for r in runs if r["config"] == c] for c in configs}
     results["ours"] = runs
     ours, theirs = by_config[configs[0]], results["seed_workflow"]
     lines = [
@@ -377,7 +373,7 @@ def main() -> None:
         print("\n| budget | test AUROC | test accuracy | epochs |\n|---|---|---|---|")
         for b in (float(v) for v in args.curve.split(",")):
             row = next((r for r in ours if b == args.budget), None) or run_ours(
-                shards, b, seeds[0], args.work, env, paths[configs[0]]
+                shards, b, seeds[0], args.work, env, configs[0]
             )
             results["curve"].append({"budget_s": b, **row})
             auroc, accuracy = row["auroc_reported"], row["accuracy_reported"]
