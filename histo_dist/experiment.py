@@ -178,7 +178,7 @@ class ExperimentConfig:
             if self.schedule.name in ("onecycle", "plateau"):
                 problems.append(
                     f"schedule.name: {self.schedule.name} cannot be planned for a time budget (its learning "
-                    "rates from the first step depend on the run's length); use cosine with warmup_steps"
+                    "rates from the first step depend on the run's length); use cosine or linear with warmup_steps"
                 )
             if self.schedule.warmup_steps < MIN_CALIBRATION_STEPS:
                 problems.append(

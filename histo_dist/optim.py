@@ -4,7 +4,7 @@ Parameter groups: the backbone (see `models.Classifier.backbone_parameters`) tra
 `lr * backbone_lr_scale`, the head at `lr`; and by default biases and normalisation weights get no
 weight decay. Frozen parameters (requires_grad False) are left out.
 
-Schedules `constant`, `cosine`, `step` and `onecycle` are one `LambdaLR` each, stepped after every
+Schedules `constant`, `cosine`, `linear`, `step` and `onecycle` are one `LambdaLR` each, stepped after every
 optimizer step; they multiply each group's own lr, so the backbone scale holds throughout, and
 stepping past the end keeps the final lr instead of raising. `plateau` is `ReduceLROnPlateau`,
 stepped with a validation metric after each evaluation: `scheduler.step(metric)`.
@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 from histo_dist.config import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "step", "onecycle", "plateau")
+SCHEDULES = ("constant", "cosine", "linear", "step", "onecycle", "plateau")
 # onecycle starts at lr / 25, as torch's OneCycleLR and the 1cycle paper (Smith & Topin, 2018).
 ONECYCLE_DIV_FACTOR = 25.0
 
@@ -77,11 +77,12 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """LR schedule: constant, cosine, step, onecycle (stepped per optimizer step) or plateau (per evaluation)."""
+    """LR schedule: constant, cosine, linear (decay to min_lr_ratio in a straight line), step, onecycle (stepped per
+    optimizer step) or plateau (per evaluation)."""
     warmup_steps: int = 0
-    """constant, cosine, step: optimizer steps of linear warmup from ~0 to lr, before the schedule proper."""
+    """constant, cosine, linear, step: optimizer steps of linear warmup from ~0 to lr, before the schedule proper."""
     min_lr_ratio: float = 0.0
-    """Lowest lr as a fraction of lr: where cosine and onecycle end, the floor of plateau."""
+    """Lowest lr as a fraction of lr: where cosine, linear and onecycle end, the floor of plateau."""
     step_size: int = 1000
     """step: optimizer steps (after warmup) between two decays."""
     gamma: float = 0.1
@@ -179,7 +180,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 def lr_factor(cfg: ScheduleConfig, total_steps: int, step: int, warmup_end: int | None = None) -> float:
-    """Multiplier of the configured lr after `step` optimizer steps (constant, cosine, step, onecycle).
+    """Multiplier of the configured lr after `step` optimizer steps (constant, cosine, linear, step, onecycle).
 
     `warmup_end`, when it comes before `cfg.warmup_steps`, cuts the warmup there: a time budget too short for the
     whole warmup (budget.py). The ramp up to it is the configured one, and the schedule proper then starts from
@@ -196,6 +197,9 @@ def lr_factor(cfg: ScheduleConfig, total_steps: int, step: int, warmup_end: int 
     if cfg.name == "cosine":
         # (max: a time budget can end a run at the end of its warmup)
         return _cosine(peak, min(peak, cfg.min_lr_ratio), (step - end) / max(1, total_steps - end))
+    if cfg.name == "linear":
+        low, progress = min(peak, cfg.min_lr_ratio), min(1.0, (step - end) / max(1, total_steps - end))
+        return peak + (low - peak) * progress
     if cfg.name == "onecycle":
         rise = max(1, round(cfg.pct_start * total_steps))
         if step < rise:

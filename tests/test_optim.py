@@ -132,6 +132,14 @@ def test_cosine_ends_at_min_lr_ratio_and_keeps_the_backbone_scale():
     assert seen[100] == seen[102] == pytest.approx([LR * 0.1, LR * 0.01])  # stepping past the end keeps the floor
 
 
+def test_linear_falls_in_equal_steps_from_the_warmup_to_min_lr_ratio():
+    seen = [g[0] for g in run(ScheduleConfig(name="linear", warmup_steps=9, min_lr_ratio=0.1), 109)]
+    assert seen[9] == pytest.approx(LR)  # the warmup's top
+    falls = [a - b for a, b in zip(seen[9:109], seen[10:110])]
+    assert falls == pytest.approx([LR * 0.9 / 100] * 100)  # a straight line, not a cosine
+    assert seen[109] == seen[111] == pytest.approx(LR * 0.1)  # the floor, kept past the end
+
+
 def test_a_cosine_cut_at_its_warmup_by_a_time_budget_still_has_a_learning_rate():
     from histo_dist.optim import lr_factor
 
