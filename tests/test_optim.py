@@ -163,6 +163,9 @@ def test_a_warmup_cut_by_a_time_budget_keeps_its_ramp_then_decays_from_where_it_
     assert lr_factor(ScheduleConfig(name="constant", warmup_steps=60), 46, 40, warmup_end=25) == pytest.approx(26 / 61)
     step = ScheduleConfig(name="step", warmup_steps=60, step_size=5, gamma=0.5)
     assert lr_factor(step, 46, 30, warmup_end=25) == pytest.approx(26 / 61 * 0.5)
+    linear = ScheduleConfig(name="linear", warmup_steps=60)
+    assert lr_factor(linear, 45, 25, warmup_end=25) == pytest.approx(26 / 61)  # from where the ramp got
+    assert lr_factor(linear, 45, 35, warmup_end=25) == pytest.approx(26 / 61 / 2)  # halfway down a straight line
 
 
 def test_step_decays_every_step_size_after_warmup():
