@@ -194,12 +194,10 @@ def lr_factor(cfg: ScheduleConfig, total_steps: int, step: int, warmup_end: int 
         return peak
     if cfg.name == "step":
         return peak * cfg.gamma ** ((step - end) // cfg.step_size)
-    if cfg.name == "cosine":
+    if cfg.name in ("cosine", "linear"):
         # (max: a time budget can end a run at the end of its warmup)
-        return _cosine(peak, min(peak, cfg.min_lr_ratio), (step - end) / max(1, total_steps - end))
-    if cfg.name == "linear":
         low, progress = min(peak, cfg.min_lr_ratio), min(1.0, (step - end) / max(1, total_steps - end))
-        return peak + (low - peak) * progress
+        return _cosine(peak, low, progress) if cfg.name == "cosine" else peak + (low - peak) * progress
     if cfg.name == "onecycle":
         rise = max(1, round(cfg.pct_start * total_steps))
         if step < rise:
